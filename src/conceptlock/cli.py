@@ -1,0 +1,44 @@
+"""The `conceptlock` command line: a thin typer app. Each command parses, calls one function, prints.
+
+Command groups live in `conceptlock.commands.<name>` modules, each exposing `register(app)`, so
+the CLI stays a table of contents and each command's logic is importable and testable alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="conceptlock",
+    help="Keep the safety alignment of text-to-image diffusion models through fine-tuning, and measure it.\n\n"
+    "Example: conceptlock world build --profile quick",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_COMMAND_MODULES = ("world", "align", "finetune", "evaluate", "compose", "attack", "reproduce")
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"conceptlock.commands.{_name}")
+    except ModuleNotFoundError as e:  # a command group not written yet
+        if e.name != f"conceptlock.commands.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    try:
+        app()
+    except ValueError as e:  # ConceptlockError and friends: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

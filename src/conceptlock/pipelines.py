@@ -1,0 +1,174 @@
+"""Load and save Stable Diffusion pipelines; build tiny random ones from configs for tests.
+
+A model is always a diffusers pipeline folder on disk (or a hub id on a user's machine). The tiny
+builders follow diffusers' own pipeline tests: real classes, tiny configs, random weights, seeded,
+so every code path the real SD 1.x runs through is exercised on a CPU in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .world.tokenizer import clip_tokenizer
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+class ConceptlockError(ValueError):
+    """A user-facing error: one line, naming the file or field at fault."""
+
+
+def unet_config(
+    sample_size: int = 16,
+    channels: tuple[int, ...] = (32, 64),
+    cross_attention_dim: int = 64,
+    layers_per_block: int = 1,
+    heads: int = 4,
+) -> dict:
+    """A small SD-1.x-shaped UNet config: cross-attention in every block but the last down."""
+    n = len(channels)
+    down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"] if n > 1 else ["CrossAttnDownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1) if n > 1 else ["CrossAttnUpBlock2D"]
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,
+        norm_num_groups=min(8, channels[0]),
+    )
+
+
+def vae_config(sample_size: int = 32, channels: tuple[int, ...] = (32, 64), latent_channels: int = 4) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(16, channels[0]),
+        sample_size=sample_size,
+        mid_block_add_attention=False,
+    )
+
+
+def text_config(hidden: int = 64, layers: int = 2, heads: int = 4, max_len: int = 77) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_len,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=hidden,
+    )
+
+
+def scheduler_for_inference() -> DDIMScheduler:
+    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def scheduler_for_training() -> DDPMScheduler:
+    return DDPMScheduler(**SD_BETAS, clip_sample=False)
+
+
+def tiny_pipeline(seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """A random tiny SD 1.x pipeline (or SD 2.x-style with prediction_type='v_prediction')."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32))
+    vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=(16, 32)))
+    text = CLIPTextModel(text_config(hidden=32, layers=2, heads=2))
+    sched = scheduler_for_inference()
+    sched.register_to_config(prediction_type=prediction_type)
+    sched = DDIMScheduler.from_config(sched.config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(path: str | Path) -> Path:
+    """Fail with one line if `path` is not a diffusers SD pipeline folder; name what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConceptlockError(f"{p}: model folder does not exist")
+    index = p / "model_index.json"
+    if not index.is_file():
+        raise ConceptlockError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ConceptlockError(f"{index}: unreadable model_index.json ({e.msg})") from None
+    for comp in _REQUIRED:
+        if comp not in meta or meta[comp] in (None, [None, None]) or not (p / comp).is_dir():
+            raise ConceptlockError(f"{p}: pipeline component {comp!r} is missing")
+    return p
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a local SD pipeline folder (safetensors only, no remote code) with a clear error."""
+    p = check_pipeline_folder(path)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(p), torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, out: str | Path, overwrite: bool = False) -> Path:
+    """Save atomically: write into a temp folder beside `out`, then rename it into place.
+
+    An existing `out` is only replaced when `overwrite` is set, so a user's model is never lost.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConceptlockError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
