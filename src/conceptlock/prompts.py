@@ -94,6 +94,12 @@ class PromptRow:
             return getattr(self, key)
         return self.extra.get(key, default)
 
+    def __getitem__(self, key: str) -> Any:
+        """``row["shape"]``: rows read like the CSV's dicts, so judges written for dicts accept them."""
+        if key in ("prompt", "seed", "index", "guidance", "source"):
+            return getattr(self, key)
+        return self.extra[key]
+
 
 @dataclass
 class PromptSet(Sequence[PromptRow]):
