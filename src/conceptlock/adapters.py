@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ __all__ = [
     "compose",
     "fuse",
     "delete_adapter",
+    "parse_adapter_spec",
+    "apply_adapters",
 ]
 
 _COMPONENTS = ("unet", "text_encoder")
@@ -130,7 +133,9 @@ def _quiet_diffusers() -> Iterator[None]:
     for lg in logs:
         lg.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
     finally:
         for lg, lv in zip(logs, levels, strict=True):
             lg.setLevel(lv)
@@ -226,3 +231,38 @@ def fuse(pipe: Any, weights: Mapping[str, float], unload: bool = True) -> None:
         raise ConceptlockError(f"fuse: {_summarise(e)}") from None
     if unload:
         pipe.unload_lora_weights()
+
+
+def parse_adapter_spec(spec: str | Mapping[str, Any]) -> tuple[str, Path, float]:
+    """`NAME=FILE[:WEIGHT]` (or {name, path[, weight]}) -> (name, path, weight); weight defaults to 1."""
+    if isinstance(spec, Mapping):
+        try:
+            return str(spec["name"]), Path(spec["path"]), float(spec.get("weight", 1.0))
+        except KeyError as e:
+            raise ConceptlockError(f"adapter {dict(spec)!r}: missing {e}") from None
+    if "=" not in spec:
+        raise ConceptlockError(f"adapter {spec!r}: expected NAME=FILE[:WEIGHT]")
+    name, rest = (x.strip() for x in spec.split("=", 1))
+    path, weight = rest, 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep:
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            pass  # a ':' inside the path, no weight
+    if not name or not path:
+        raise ConceptlockError(f"adapter {spec!r}: expected NAME=FILE[:WEIGHT]")
+    return name, Path(path), weight
+
+
+def apply_adapters(pipe: Any, specs: list[str] | list[Mapping[str, Any]]) -> dict[str, float]:
+    """Load each `NAME=FILE[:WEIGHT]` adapter and activate exactly those, composed with their weights."""
+    parsed = [parse_adapter_spec(s) for s in specs]
+    names = [n for n, _, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ConceptlockError(f"adapter names must be unique, got {names}")
+    for name, path, _ in parsed:
+        load_adapter(pipe, path, name)
+    weights = {n: w for n, _, w in parsed}
+    compose(pipe, weights)
+    return weights

@@ -355,5 +355,5 @@ def get_objective(name: str, **kwargs: Any) -> Objective:
         raise ConceptlockError(f"unknown objective {name!r}; choose one of {', '.join(names)}")
     try:
         return _REGISTRY[name](**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown keyword or a bad value: one line naming the objective
         raise ConceptlockError(f"objective {name!r}: {e}") from None

@@ -14,6 +14,7 @@ the literal "all but attn2", so that ESD-u numbers are comparable with the paper
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -91,7 +92,9 @@ def add_lora(unet: nn.Module, spec: ParamSpec) -> None:
         target_modules=list(spec.targets),
         init_lora_weights=True,
     )
-    unet.add_adapter(cfg, adapter_name=spec.adapter)
+    with warnings.catch_warnings():  # several named adapters on one base is the point (Modular LoRA)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.add_adapter(cfg, adapter_name=spec.adapter)
     unet.set_adapter(spec.adapter)
 
 

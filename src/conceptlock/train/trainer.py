@@ -80,6 +80,7 @@ class TrainResult:
     checkpoint: Path | None
     finished: bool
     trainable: list[str] = field(default_factory=list)
+    is_main_process: bool = True  # write final artefacts only when True
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -370,4 +371,5 @@ def train(
         checkpoint=last_ckpt,
         finished=finished,
         trainable=[n for n, _ in trainable],
+        is_main_process=acc.is_main_process,
     )

@@ -1,0 +1,190 @@
+"""Safety alignment as a function: method + model + concept -> aligned pipeline folder or safety LoRA file.
+
+`run_align` is what `conceptlock align` calls; experiments and tests call it directly. It only chooses the
+objective, the data and the defaults of each method's paper/code, then hands everything to the one trainer.
+
+Run folder (`out`):
+    model/                    aligned pipeline (full / group training)          \
+    <adapter>.safetensors     safety LoRA (params lora:NAME), vanilla-diffusers  } the artefact
+    config.json               resolved configuration (method, objective settings, trainer settings, artefact)
+    train_log.jsonl           step, loss, lr and the objective's scalars
+    checkpoints/              for --resume
+
+Defaults per method (from the papers' released code; every one is overridable):
+    esd        noxattn (ESD-u, the nudity setting), 200 steps, lr 5e-5, eta 1, 50 DDIM steps, start guidance 3
+    sdd        xattn, 1500 steps, lr 1e-5, EMA teacher 0.999, CFG 3, weight decay 1e-4
+    lcfd-lt    full UNet, 2000 steps, lr 1e-5, batch 1 x accumulation 4, cosine schedule, lambda_tot 5e-5
+    lcfd-ng    as lcfd-lt with lambda_tot 5e-3, fixed noise
+    lcfd-high  as lcfd-lt with 10000 steps (gradient ascent on harmful data)
+A LoRA run (`--params lora:NAME`) defaults to lr 1e-4 (the diffusers LoRA recipe).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .adapters import save_adapter
+from .methods.base import get_objective, move
+from .pipelines import ConceptlockError, load_pipeline, save_pipeline
+from .train.data import ImageTextDataset, PromptDataset
+from .train.params import parse_params
+from .train.trainer import TrainConfig, _atomic_write_text, train
+
+
+@dataclass(frozen=True)
+class MethodDefaults:
+    objective: str
+    params: str
+    steps: int
+    lr: float
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr_scheduler: str = "constant"
+    weight_decay: float = 1e-2
+    objective_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: dict[str, MethodDefaults] = {
+    "esd": MethodDefaults("esd", "noxattn", 200, 5e-5, objective_kwargs={"eta": 1.0}),
+    "sdd": MethodDefaults("sdd", "xattn", 1500, 1e-5, weight_decay=1e-4),
+    "lcfd-lt": MethodDefaults("lcfd-lt", "full", 2000, 1e-5, 4, 4, "cosine"),
+    "lcfd-ng": MethodDefaults("lcfd-ng", "full", 2000, 1e-5, 4, 4, "cosine"),
+    "lcfd-high": MethodDefaults("lcfd-high", "full", 10000, 1e-5, 4, 4, "cosine"),
+}
+LORA_LR = 1e-4
+
+
+@dataclass
+class ResolvedConcept:
+    """What a concept name means for training: prompts (ESD, SDD) and, optionally, a labelled image folder (LCFD)."""
+
+    prompts: list[str]
+    data: Path | None = None
+
+
+def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedConcept:
+    """HOOK for the toy world: map a concept name to prompts (and an LCFD image folder).
+
+    Today a concept is its own prompt text. With `world_dir` set, this is where the toy world's concept table
+    (explicit prompts, implicit prompts, the labelled clean/harmful image folder) will be looked up.
+    """
+    if world_dir is None:
+        return ResolvedConcept(prompts=[name])
+    raise ConceptlockError(
+        f"--world {world_dir}: toy-world concepts are not connected to `align` yet; pass prompt text"
+    )
+
+
+@dataclass
+class AlignResult:
+    artifact: Path  # pipeline folder or LoRA file
+    out: Path
+    config: dict[str, Any]
+    finished: bool
+
+
+def run_align(
+    method: str,
+    model: str | Path | Any,
+    concepts: list[str],
+    out: str | Path,
+    params: str | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    released_code: bool = False,
+    seed: int = 0,
+    data: str | Path | None = None,
+    world: str | Path | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    rank: int = 4,
+    alpha: float | None = None,
+    resolution: int | None = None,
+    objective_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> AlignResult:
+    """Align `model` (a pipeline folder, or a pipeline object, which is trained in place) against `concepts`."""
+    if method not in METHODS:
+        raise ConceptlockError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if not concepts:
+        raise ConceptlockError("--concept: give at least one concept")
+    d = METHODS[method]
+    out = Path(out)
+    if (out / "config.json").exists() and not (resume or overwrite):
+        raise ConceptlockError(f"{out}: already holds an alignment run (pass --resume to continue or --overwrite)")
+    spec = parse_params(params or d.params, rank=rank, alpha=alpha)
+    pipe = load_pipeline(model) if isinstance(model, str | Path) else model
+
+    resolved = [resolve_concept(c, world) for c in concepts]
+    prompts = [p for r in resolved for p in r.prompts]
+    kwargs = {**d.objective_kwargs, **(objective_kwargs or {})}
+    if method.startswith("lcfd"):
+        kwargs["released_code"] = released_code
+        folder = Path(data) if data is not None else next((r.data for r in resolved if r.data is not None), None)
+        if folder is None:
+            raise ConceptlockError(
+                f"--method {method} needs --data: an image folder with metadata.jsonl (class 1 clean / 2 harmful)"
+            )
+        res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        dataset = ImageTextDataset(folder, pipe.tokenizer, res)
+    else:
+        if released_code:
+            raise ConceptlockError("--released-code only applies to the lcfd methods")
+        dataset = PromptDataset(prompts, pipe.tokenizer)
+    objective = get_objective(d.objective, **kwargs)
+
+    cfg = TrainConfig(
+        steps=steps if steps is not None else d.steps,
+        lr=lr if lr is not None else (LORA_LR if spec.is_lora else d.lr),
+        batch_size=batch_size or d.batch_size,
+        grad_accum=grad_accum or d.grad_accum,
+        lr_scheduler=d.lr_scheduler,
+        weight_decay=d.weight_decay,
+        seed=seed,
+        resume=resume,
+    )
+    if train_kwargs:
+        try:
+            cfg = replace(cfg, **train_kwargs)
+        except TypeError as e:
+            raise ConceptlockError(f"train settings: {e}") from None
+    result = train(pipe, spec, objective, dataset, cfg, out)
+
+    artifact = out / f"{spec.adapter}.safetensors" if spec.is_lora else out / "model"
+    config = {
+        "conceptlock": __version__,
+        "method": method,
+        "model": str(model) if isinstance(model, str | Path) else type(model).__name__,
+        "concepts": list(concepts),
+        "prompts": prompts,
+        "data": str(dataset.folder) if isinstance(dataset, ImageTextDataset) else None,
+        "params": str(spec),
+        "lora": {"rank": spec.rank, "alpha": spec.alpha or spec.rank, "targets": list(spec.targets)}
+        if spec.is_lora
+        else None,
+        "objective": objective.name,
+        "objective_config": objective.config(),
+        "train": asdict(cfg),
+        "artifact": str(artifact),
+        "finished": result.finished,
+        "steps_done": result.step,
+    }
+    if not result.is_main_process:
+        return AlignResult(artifact=artifact, out=out, config=config, finished=result.finished)
+    if result.finished:
+        if spec.is_lora:
+            save_adapter(pipe, spec.adapter, artifact)
+        else:
+            for name in ("vae", "text_encoder", "unet"):
+                move(getattr(pipe, name), torch.device("cpu"), torch.float32)
+            save_pipeline(pipe, artifact, overwrite=True)
+    _atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
+    return AlignResult(artifact=artifact, out=out, config=config, finished=result.finished)

@@ -1,0 +1,88 @@
+"""`conceptlock align`: train a safety alignment (ESD, SDD, LCFD) into a pipeline or a safety LoRA.
+
+The command only parses; `conceptlock.align.run_align` does the work (and is what other code calls).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..align import METHODS, run_align
+
+EXAMPLE = (
+    "conceptlock align --method esd --model runs/base --concept nudity --concept 'naked person' "
+    "--params lora:safety --steps 200 --out runs/esd-safety"
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `align` command to the CLI."""
+
+    @app.command(
+        "align",
+        help="Safety-align a model against a concept with ESD, SDD or LCFD; write an aligned pipeline folder "
+        "(--params full|xattn|noxattn|xattn-kv) or a safety LoRA file (--params lora:NAME).\n\n"
+        f"Example:\n\n  {EXAMPLE}\n\n"
+        "LCFD reads labelled images:  conceptlock align --method lcfd-lt --model runs/base --concept nudity "
+        "--data data/lcfd --out runs/lcfd  (metadata.jsonl rows: file_name, text, class 1 clean / 2 harmful).\n\n"
+        "Outputs in --out: model/ or NAME.safetensors, config.json, train_log.jsonl, checkpoints/. "
+        "Multi-GPU: accelerate launch --num_processes N -m conceptlock.cli align ...",
+        no_args_is_help=True,
+    )
+    def align_cmd(
+        method: str = typer.Option(..., "--method", help=f"One of: {', '.join(METHODS)}."),
+        model: Path = typer.Option(..., "--model", help="Diffusers pipeline folder to align."),
+        concept: list[str] = typer.Option(..., "--concept", help="Concept prompt text; repeat for several."),
+        out: Path = typer.Option(..., "--out", help="Run folder for the artefact, logs and checkpoints."),
+        params: str | None = typer.Option(
+            None, "--params", help="full | xattn | noxattn | xattn-kv | lora:NAME (default: the method's)."
+        ),
+        steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (default: the method's)."),
+        lr: float | None = typer.Option(None, "--lr", help="Learning rate (default: the method's; 1e-4 for LoRA)."),
+        released_code: bool = typer.Option(
+            False, "--released-code", help="LCFD: reproduce the published scripts (contrastive term has no gradient)."
+        ),
+        seed: int = typer.Option(0, "--seed", help="Seed for batches, noise and LoRA initialisation."),
+        data: Path | None = typer.Option(None, "--data", help="LCFD: image folder with metadata.jsonl."),
+        world: Path | None = typer.Option(None, "--world", help="Toy-world folder to resolve concept names."),
+        batch_size: int | None = typer.Option(None, "--batch-size", help="Global samples per optimizer step."),
+        grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation micro-steps."),
+        rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+        alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: the rank)."),
+        eta: float | None = typer.Option(None, "--eta", help="ESD negative-guidance strength."),
+        lambda_tot: float | None = typer.Option(None, "--lambda-tot", help="LCFD contrastive weight."),
+        mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    ) -> None:
+        okw: dict = {}
+        if eta is not None:
+            okw["eta"] = eta
+        if lambda_tot is not None:
+            okw["lambda_tot"] = lambda_tot
+        res = run_align(
+            method,
+            model,
+            concept,
+            out,
+            params=params,
+            steps=steps,
+            lr=lr,
+            released_code=released_code,
+            seed=seed,
+            data=data,
+            world=world,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            rank=rank,
+            alpha=alpha,
+            objective_kwargs=okw,
+            train_kwargs={"mixed_precision": mixed_precision, "checkpoint_every": checkpoint_every},
+            resume=resume,
+            overwrite=overwrite,
+        )
+        state = "aligned" if res.finished else "stopped early"
+        typer.echo(f"{state}: {res.artifact}  (log: {res.out / 'train_log.jsonl'})")
