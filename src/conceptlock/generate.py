@@ -369,6 +369,7 @@ def generate(
                 entries.append(e)
             else:
                 complete = False
+    entries.sort(key=lambda e: (e["index"], e["k"]))  # row order, whatever the batch plan was
     secs = time.perf_counter() - t0
     return GenerationResult(
         out_dir=out,
