@@ -1,0 +1,111 @@
+"""`run_align` / `conceptlock align` end to end on a tiny pipeline: artefacts, config, errors, CLI help."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptlock.adapters import load_adapter
+from conceptlock.align import resolve_concept, run_align
+from conceptlock.pipelines import ConceptlockError, load_pipeline, save_pipeline, tiny_pipeline
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CPUs are shared: one intra-op thread is several times faster than two contending ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def lcfd_folder(tmp_path):
+    folder = tmp_path / "lcfd"
+    folder.mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture {i}", "class": 1 + i % 2}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_lcfd_full_writes_loadable_pipeline_and_config(tmp_path, lcfd_folder):
+    base = tiny_pipeline(0)
+    res = run_align(
+        "lcfd-lt",
+        base,
+        ["gore"],
+        tmp_path / "run",
+        steps=2,
+        batch_size=2,
+        grad_accum=1,
+        data=lcfd_folder,
+        released_code=True,
+    )
+    assert res.finished and res.artifact == tmp_path / "run" / "model"
+    aligned = load_pipeline(res.artifact)
+    changed = any(
+        not torch.equal(a, b)
+        for a, b in zip(aligned.unet.parameters(), tiny_pipeline(0).unet.parameters(), strict=True)
+    )
+    assert changed
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["method"] == "lcfd-lt" and cfg["params"] == "full" and cfg["objective_config"]["released_code"] is True
+    assert cfg["train"]["steps"] == 2 and cfg["train"]["lr_scheduler"] == "cosine"
+    assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ConceptlockError, match="already holds"):
+        run_align("lcfd-lt", base, ["gore"], tmp_path / "run", steps=1, data=lcfd_folder)
+
+
+def test_esd_lora_from_folder_writes_vanilla_adapter(tmp_path):
+    save_pipeline(tiny_pipeline(0), tmp_path / "base")
+    res = run_align(
+        "esd",
+        tmp_path / "base",
+        ["fire", "flames"],
+        tmp_path / "esd",
+        params="lora:safety",
+        steps=2,
+        objective_kwargs={"ddim_steps": 3, "eta": 2.0},
+    )
+    assert res.artifact == tmp_path / "esd" / "safety.safetensors" and res.artifact.is_file()
+    assert res.config["lora"] == {"rank": 4, "alpha": 4, "targets": ["to_q", "to_k", "to_v", "to_out.0"]}
+    assert res.config["train"]["lr"] == 1e-4 and res.config["objective_config"]["eta"] == 2.0
+    pipe = tiny_pipeline(0)
+    load_adapter(pipe, res.artifact, "safety")
+
+
+def test_align_errors_are_one_line(tmp_path):
+    base = tiny_pipeline(0)
+    for kwargs, match in [
+        (dict(method="esdx"), "--method"),
+        (dict(method="lcfd-ng"), "needs --data"),
+        (dict(method="sdd", released_code=True), "released-code"),
+        (dict(method="esd", params="attn"), "--params"),
+    ]:
+        method = kwargs.pop("method")
+        with pytest.raises(ConceptlockError, match=match) as e:
+            run_align(method, base, ["x"], tmp_path / method, steps=1, **kwargs)
+        assert "\n" not in str(e.value)
+
+
+def test_resolve_concept_hook():
+    assert resolve_concept("nudity").prompts == ["nudity"]
+    with pytest.raises(ConceptlockError, match="toy-world"):
+        resolve_concept("nudity", "some/world")
+
+
+def test_cli_help_has_example():
+    from conceptlock.cli import app
+
+    res = CliRunner().invoke(app, ["align", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    assert "Example" in res.output and "--method" in res.output and "lora:NAME" in res.output
