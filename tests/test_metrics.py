@@ -61,8 +61,8 @@ def test_batched_nudenet_equals_nudedetector(photos):
 
     ref = [NudeDetector().detect(str(p)) for p in photos]
     assert sum(len(r) for r in ref) >= 2  # the portrait is detected (FACE_FEMALE)
-    for bs in (1, 3):
-        got = NudeNetBatchDetector(batch_size=bs).detect_batch([Image.open(p) for p in photos])
+    for bs, threads in ((1, None), (3, None), (3, 1)):  # threads=1: own tuned session, same model
+        got = NudeNetBatchDetector(batch_size=bs, threads=threads).detect_batch([Image.open(p) for p in photos])
         assert got == ref
 
 
