@@ -122,6 +122,25 @@ def test_resume_skips_existing_and_regenerates_missing(pipe, tmp_path):
     assert read_manifest(tmp_path)["images/00000_00.png"]["steps"] == STEPS + 1
 
 
+def test_options_are_recorded_and_keyed_and_torn_lines_tolerated(pipe, tmp_path):
+    rows = make_rows(2)
+    cp = CountingPipe(pipe)
+    generate(cp, rows, tmp_path, steps=STEPS, batch_size=2, progress=False)
+    plain = files(tmp_path)
+    r = generate(cp, rows, tmp_path, steps=STEPS, batch_size=2, progress=False, options={"negative_prompt": "blurry"})
+    assert r.generated == 2 and len(cp.calls) == 2  # different options: the old images do not match
+    assert read_manifest(tmp_path)["images/00000_00.png"]["options"] == {"negative_prompt": "blurry"}
+    assert files(tmp_path) != plain
+    # a crash mid-append leaves a torn line in a part file: it is ignored and that image redone
+    (tmp_path / "manifest.part-000of002.jsonl").write_text('{"image": "images/00001_00.png", "ke')
+    (tmp_path / "images" / "00001_00.png").unlink()
+    r = generate(cp, rows, tmp_path, steps=STEPS, batch_size=2, progress=False, options={"negative_prompt": "blurry"})
+    assert r.complete and r.generated == 1
+    (tmp_path / "manifest.jsonl").write_text("not json\n")
+    with pytest.raises(ConceptlockError, match="manifest.jsonl: line 1"):
+        read_manifest(tmp_path)
+
+
 def test_images_per_prompt(pipe, tmp_path):
     rows = make_rows(2)
     r = generate(pipe, rows, tmp_path, steps=STEPS, images_per_prompt=3, batch_size=4, progress=False)

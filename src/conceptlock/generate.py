@@ -182,14 +182,14 @@ def read_manifest(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     files += sorted(out.glob("manifest.part-*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     entries: dict[str, dict[str, Any]] = {}
     for f in files:
-        lines = f.read_text(encoding="utf-8").splitlines()
-        for n, line in enumerate(lines, 1):
+        is_part = f.name != MANIFEST
+        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 e = json.loads(line)
             except json.JSONDecodeError:
-                if n == len(lines):  # a torn last line from a crash: that image is simply redone
+                if is_part:  # a line torn by a crash mid-append: that image is simply redone
                     continue
                 raise ConceptlockError(f"{f}: line {n} is not valid JSON") from None
             if isinstance(e, dict) and "image" in e:
@@ -230,6 +230,14 @@ def partial_state() -> Any:
 
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=cpu)
+
+
+def _call_options(options: dict[str, Any] | None, n: int) -> dict[str, Any]:
+    """Pipeline kwargs for a batch of n prompts: a string negative prompt is repeated per prompt."""
+    opts = dict(options or {})
+    if isinstance(opts.get("negative_prompt"), str):
+        opts["negative_prompt"] = [opts["negative_prompt"]] * n
+    return opts
 
 
 class _Shards:
@@ -320,6 +328,8 @@ def generate(
     n_mine = sum(len(b) for b in mine)
     bar = tqdm(total=n_mine, desc="generate", unit="img", disable=not (progress and shards.is_main))
     with open(part, "a", encoding="utf-8") as mf:
+        if part.stat().st_size and not part.read_bytes().endswith(b"\n"):
+            mf.write("\n")  # isolate a line torn by an earlier crash
         for batch in mine:
             todo = {it.image for it in batch if not is_done(it)}
             if not todo:
@@ -335,7 +345,7 @@ def generate(
                 height=height,
                 width=width,
                 output_type="pil",
-                **(options or {}),
+                **_call_options(options, len(batch)),
             )
             calls += 1
             images = result.images if hasattr(result, "images") else result[0]

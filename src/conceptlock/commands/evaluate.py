@@ -183,6 +183,7 @@ def run_evaluate(
     base_seed: int = 0,
     dtype: str = "float32",
     metric_batch_size: int = 16,
+    options: dict[str, Any] | None = None,
     resume: bool = True,
     contact_sheet: int = 64,
     progress: bool = True,
@@ -191,7 +192,9 @@ def run_evaluate(
 
     ``model`` is a pipeline folder (or pass an already built ``pipe``); ``images`` scores a folder
     instead. ``metrics`` is a comma-separated string or a list of specs (``name[:key=value...]``).
-    Returns the results dict on the main process (None on other accelerate processes).
+    ``options`` are extra pipeline-call keywords (e.g. SLD settings for a safe pipeline); they are
+    recorded in the manifest and config. Returns the results dict on the main process (None on
+    other accelerate processes).
     """
     from ..metrics.base import get_metric, load_image
 
@@ -253,6 +256,7 @@ def run_evaluate(
             width=width,
             model=str(model) if model is not None else "<in-memory pipeline>",
             adapters=list(adapters),
+            options=options,
             resume=resume,
             state=state,
             progress=progress,
@@ -315,6 +319,7 @@ def run_evaluate(
         "width": entries[0].get("width") if entries else width,
         "batch_size": batch_size,
         "dtype": dtype,
+        "options": json.loads(json.dumps(options or {}, sort_keys=True, default=str)),
     }
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     report = {
