@@ -140,10 +140,11 @@ def _ctx(pipe, spec: str) -> Context:
     )
 
 
-@pytest.mark.parametrize("spec", ["xattn", "lora:safety"])
-def test_esd_loss_equals_manual_computation_and_teacher_is_frozen(spec):
-    pipe = tiny_pipeline(0)
-    original = tiny_pipeline(0).unet
+@pytest.mark.parametrize("spec,kind", [("xattn", "epsilon"), ("lora:safety", "epsilon"), ("xattn", "v_prediction")])
+def test_esd_loss_equals_manual_computation_and_teacher_is_frozen(spec, kind):
+    """For v models the target is v_0 - eta (v_c - v_0): the eps equation mapped through the (affine) conversion."""
+    pipe = _tiny(kind)
+    original = _tiny(kind).unet
     ctx = _ctx(pipe, spec)
     obj = get_objective("esd", eta=2.0, ddim_steps=4)
     obj.prepare(pipe, ctx)
@@ -166,6 +167,23 @@ def test_esd_loss_equals_manual_computation_and_teacher_is_frozen(spec):
     assert torch.allclose(loss, ((en - (e0 - 2.0 * (ep - e0))) ** 2).mean(), rtol=1e-4)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ctx.trainable[:4])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_finetune_regresses_the_prediction_type_target(kind):
+    pipe = _tiny(kind)
+    ctx = _ctx(pipe, "xattn")
+    obj = get_objective("finetune")
+    z0 = torch.randn(2, 4, 16, 16, generator=G)
+    ids = tokenize(pipe.tokenizer, ["a", "b"])
+    loss = obj.loss({"latents": z0, "input_ids": ids, "seed": torch.tensor([3, 4])}, ctx)
+    rng = SampleRNG([3, 4])  # same draw order as the objective: noise, then timesteps
+    eps, t = rng.randn((4, 16, 16)), rng.randint(0, 1000)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    target = ddpm.get_velocity(z0, eps, t) if kind == "v_prediction" else eps
+    with torch.no_grad():
+        out = pipe.unet(ddpm.add_noise(z0, eps, t), t, pipe.text_encoder(ids)[0]).sample
+    assert torch.allclose(loss, ((out - target) ** 2).mean(), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------- LCFD

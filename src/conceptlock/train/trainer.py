@@ -246,8 +246,6 @@ def train(
     `out_dir/checkpoints/`; the caller saves the result (pipeline folder or adapter file)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     cfg = config
     if cfg.steps <= 0:
@@ -257,13 +255,26 @@ def train(
     if cfg.grad_accum < 1:
         raise ConceptlockError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     spec = parse_params(params)
-    out = Path(out_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.cpu or (distributed and not torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,
     )
+    try:
+        return _train(acc, pipe, spec, objective, data, cfg, Path(out_dir))
+    finally:
+        if acc.num_processes == 1:  # let the next run in this process pick its own mixed precision
+            AcceleratorState._reset_state()
+
+
+def _train(
+    acc: Any, pipe: Any, spec: ParamSpec, objective: Objective, data: Dataset, cfg: TrainConfig, out: Path
+) -> TrainResult:
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    plan = BatchPlan(data, cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
     set_seed(cfg.seed)  # only LoRA initialisation draws from the global RNG; batches use SampleRNG
     dtype, device = DTYPES[cfg.mixed_precision], acc.device
 
@@ -298,13 +309,15 @@ def train(
     model, opt, sched = acc.prepare(unet, opt, sched)
     ctx.unet = model
     ema = EMA(trainable, cfg.ema_decay) if cfg.ema_decay else None
-    plan = BatchPlan(data, cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index, cfg.seed)
 
     meta = {"params": str(spec), "objective": objective.name, "seed": cfg.seed, "steps": cfg.steps}
     ckpt = Checkpointer(acc, out / "checkpoints", cfg.keep_checkpoints)
     start, last_ckpt = 0, None
     if cfg.resume and (last_ckpt := ckpt.latest()) is not None:
         start = ckpt.load(last_ckpt, trainable, ema, objective, meta)
+    elif not cfg.resume and acc.is_main_process and ckpt.folder.is_dir():
+        shutil.rmtree(ckpt.folder)  # a fresh run: an earlier run's checkpoints must not be resumed into it
+    acc.wait_for_everyone()
     if acc.is_main_process:
         run = {
             "train": asdict(cfg),
@@ -326,7 +339,7 @@ def train(
                 if step == start + 1 and micro == 0:
                     _check_batch(batch, objective)
                 last = micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if last else acc.no_sync(model):
+                with contextlib.nullcontext() if last else acc.no_sync(model):  # DDP syncs once per step
                     with acc.autocast():
                         res = objective.loss(batch, ctx)
                     loss, extras = res if isinstance(res, tuple) else (res, {})
@@ -335,7 +348,7 @@ def train(
                     totals[k] = totals.get(k, 0) + v.detach().float() / cfg.grad_accum
             keys = list(totals)
             values = acc.reduce(torch.stack([totals[k] for k in keys]), reduction="mean").tolist()
-            if not math.isfinite(values[0]):
+            if not math.isfinite(values[0]):  # before the optimizer step: the weights stay finite
                 where = f"last good checkpoint kept: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise TrainingError(f"loss is {values[0]} at step {step}; stopped ({where})")
             if cfg.max_grad_norm:
@@ -362,8 +375,6 @@ def train(
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.eval()
-        if acc.num_processes == 1:  # let the next run in this process pick its own mixed precision
-            AcceleratorState._reset_state()
     return TrainResult(
         step=step,
         loss=loss_value,
