@@ -256,3 +256,26 @@ def test_two_processes_match_one_process(tmp_path):
     rows1, rows2 = _rows(tmp_path / "one" / "train_log.jsonl"), _rows(tmp_path / "two" / "train_log.jsonl")
     assert all(abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])) for a, b in zip(rows1, rows2, strict=True))
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["num_processes"] == 2
+
+
+def test_task_adapter_trains_on_w0_with_safety_adapter_inactive(tmp_path):
+    """Modular LoRA: training `task` on a pipeline that holds `safety` gives the same adapter as on bare W0,
+    and leaves `safety` untouched."""
+    from conceptlock.adapters import add_adapter
+
+    with_safety = tiny_pipeline(0)
+    add_adapter(with_safety, "safety")
+    with torch.no_grad():
+        for n, p in with_safety.unet.named_parameters():
+            if ".safety." in n:
+                p.normal_(0, 0.3)
+    safety_before = {n: p.clone() for n, p in with_safety.unet.named_parameters() if ".safety." in n}
+    bare = tiny_pipeline(0)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3)
+    r1 = train(with_safety, "lora:task", get_objective("finetune"), _data(with_safety, 2), cfg, tmp_path / "a")
+    r2 = train(bare, "lora:task", get_objective("finetune"), _data(bare, 2), cfg, tmp_path / "b")
+    a, b = _weights(with_safety, r1.trainable), _weights(bare, r2.trainable)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(a[n].abs().sum() > 0 for n in a if ".lora_B." in n)  # B starts at 0: the adapter did train
+    params = dict(with_safety.unet.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in safety_before.items())
