@@ -119,6 +119,15 @@ class SampleRNG:
         seeds = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
+    @classmethod
+    def for_batch(cls, batch: dict[str, Any]) -> SampleRNG:
+        """Streams from `batch['seed']` (the trainer always sets it); a batch built by hand without seeds
+        draws them from torch's global RNG, so direct callers still get a valid (non-reproducible) batch."""
+        if "seed" in batch:
+            return cls(batch["seed"])
+        n = len(batch["input_ids"])
+        return cls(torch.randint(0, 2**62, (n,)))
+
     def __len__(self) -> int:
         return len(self.gens)
 

@@ -64,7 +64,7 @@ class ESD(Objective):
         self._timesteps = ddim_timesteps(pipe.scheduler.config, self.ddim_steps)
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:
-        rng = SampleRNG(batch["seed"])
+        rng = SampleRNG.for_batch(batch)
         cond = ctx.encode_text(batch["input_ids"])
         uncond = self._uncond.expand_as(cond)
         stops = rng.randint(0, self.ddim_steps)

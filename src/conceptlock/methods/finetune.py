@@ -22,7 +22,7 @@ class Finetune(Objective):
     needs = ("input_ids", "latents|pixel_values")
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> Tensor:
-        rng = SampleRNG(batch["seed"])
+        rng = SampleRNG.for_batch(batch)
         z0 = ctx.latents(batch, rng)
         eps = rng.randn(tuple(z0.shape[1:]), ctx.device)
         t = ctx.timesteps(rng)

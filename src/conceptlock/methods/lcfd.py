@@ -127,7 +127,7 @@ class LCFD(Objective):
 
     # --- loss ------------------------------------------------------------------------------------------------
     def loss(self, batch: dict[str, Any], ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:
-        rng = SampleRNG(batch["seed"])
+        rng = SampleRNG.for_batch(batch)
         pred = ctx.prediction
         z0 = ctx.latents(batch, rng)
         label = batch["label"].to(ctx.device).long()

@@ -43,7 +43,7 @@ class SDD(Objective):
         self._timesteps = ddim_timesteps(pipe.scheduler.config, self.ddim_steps)
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> Tensor:
-        rng = SampleRNG(batch["seed"])
+        rng = SampleRNG.for_batch(batch)
         cond = ctx.encode_text(batch["input_ids"])
         uncond = self._uncond.expand_as(cond)
         stops = rng.randint(0, self.ddim_steps)
