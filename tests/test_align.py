@@ -97,10 +97,22 @@ def test_align_errors_are_one_line(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_resolve_concept_hook():
+def test_resolve_concept_in_and_out_of_a_toy_world(micro_world, tmp_path):
     assert resolve_concept("nudity").prompts == ["nudity"]
-    with pytest.raises(ConceptlockError, match="toy-world"):
-        resolve_concept("nudity", "some/world")
+    with pytest.raises(ConceptlockError, match="not a built world"):
+        resolve_concept("gore", tmp_path)
+    with pytest.raises(ConceptlockError, match="not a harmful concept of world") as e:
+        resolve_concept("nudity", micro_world)
+    assert "\n" not in str(e.value)
+    r = resolve_concept("gore", micro_world)
+    assert "covered in blood" in r.prompts and r.data == micro_world / "data" / "lcfd-gore"
+
+
+def test_align_finds_the_world_of_a_model_folder(micro_world, tmp_path):
+    with pytest.raises(ConceptlockError, match="not a harmful concept"):
+        run_align("esd", micro_world / "pipeline", ["nudity"], tmp_path / "run", steps=1)
+    res = run_align("lcfd-lt", micro_world / "pipeline", ["gore"], tmp_path / "lcfd", steps=1, batch_size=2, grad_accum=1)
+    assert res.finished and res.config["data"] == str(micro_world / "data" / "lcfd-gore")
 
 
 def test_cli_help_has_example():

@@ -69,16 +69,25 @@ class ResolvedConcept:
 
 
 def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedConcept:
-    """HOOK for the toy world: map a concept name to prompts (and an LCFD image folder).
+    """Map a concept to training prompts (ESD, SDD) and a labelled image folder (LCFD).
 
-    Today a concept is its own prompt text. With `world_dir` set, this is where the toy world's concept table
-    (explicit prompts, implicit prompts, the labelled clean/harmful image folder) will be looked up.
+    Outside a toy world a concept is its own prompt text ("nudity"). Inside one (`world_dir`, or the
+    world the model folder belongs to) it must be one of the world's harmful concepts: its prompts are
+    the explicit phrases that name it, and its LCFD data is the world's `data/lcfd-NAME` folder.
     """
     if world_dir is None:
         return ResolvedConcept(prompts=[name])
-    raise ConceptlockError(
-        f"--world {world_dir}: toy-world concepts are not connected to `align` yet; pass prompt text"
-    )
+    from .world.build import read_world
+    from .world.concepts import HARMFUL
+
+    world_dir = Path(world_dir)
+    concepts = read_world(world_dir)["config"]["concepts"]
+    if name not in concepts:
+        raise ConceptlockError(
+            f"--concept {name!r}: not a harmful concept of world {world_dir} ({', '.join(concepts)})"
+        )
+    data = world_dir / "data" / f"lcfd-{name}"
+    return ResolvedConcept(prompts=list(HARMFUL[name].explicit), data=data if data.is_dir() else None)
 
 
 @dataclass
@@ -123,6 +132,10 @@ def run_align(
     spec = parse_params(params or d.params, rank=rank, alpha=alpha)
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
 
+    if world is None and isinstance(model, str | Path):
+        from .world import world_of_model
+
+        world = world_of_model(model)
     resolved = [resolve_concept(c, world) for c in concepts]
     prompts = [p for r in resolved for p in r.prompts]
     kwargs = {**d.objective_kwargs, **(objective_kwargs or {})}

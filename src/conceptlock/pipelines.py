@@ -23,13 +23,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .world.tokenizer import clip_tokenizer
+from .errors import ConceptlockError
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-class ConceptlockError(ValueError):
-    """A user-facing error: one line, naming the file or field at fault."""
 
 
 def unet_config(
@@ -87,8 +83,10 @@ def text_config(hidden: int = 64, layers: int = 2, heads: int = 4, max_len: int 
     )
 
 
-def scheduler_for_inference() -> DDIMScheduler:
-    return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+def scheduler_for_inference(prediction_type: str = "epsilon") -> DDIMScheduler:
+    return DDIMScheduler(
+        **SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type
+    )
 
 
 def scheduler_for_training() -> DDPMScheduler:
@@ -98,12 +96,14 @@ def scheduler_for_training() -> DDPMScheduler:
 def tiny_pipeline(seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     """A random tiny SD 1.x pipeline (or SD 2.x-style with prediction_type='v_prediction')."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32))
+    unet = UNet2DConditionModel(
+        **unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32)
+    )
     vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=(16, 32)))
     text = CLIPTextModel(text_config(hidden=32, layers=2, heads=2))
-    sched = scheduler_for_inference()
-    sched.register_to_config(prediction_type=prediction_type)
-    sched = DDIMScheduler.from_config(sched.config)
+    sched = scheduler_for_inference(prediction_type)
+    from .world.tokenizer import clip_tokenizer
+
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
@@ -143,7 +143,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> Stabl
     """Load a local SD pipeline folder (safetensors only, no remote code) with a clear error."""
     p = check_pipeline_folder(path)
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(p), torch_dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        str(p), dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pipelines import ConceptlockError
+from .errors import ConceptlockError
 
 __all__ = [
     "PromptRow",

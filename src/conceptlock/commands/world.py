@@ -23,7 +23,9 @@ def print_card(meta: dict) -> None:
 
     cfg = meta["config"]
     target = cfg["concepts"][0]
-    table = Table(title=f"World report card (profile {cfg['profile']}, seed {cfg['seed']}, config {meta['config_hash']})")
+    table = Table(
+        title=f"World report card (profile {cfg['profile']}, seed {cfg['seed']}, config {meta['config_hash']})"
+    )
     for col in ("figure", "threshold", "measured", "n", "95% CI", "ok"):
         table.add_column(col)
     for r in evaluate_card(meta["card"], target, cfg["profile"]):
@@ -32,7 +34,14 @@ def print_card(meta: dict) -> None:
         table.add_row(r["figure"], r["threshold"], measured, str(r["n"] or ""), ci, "yes" if r["ok"] else "NO")
     clean = meta["card"].get("base_model", {}).get("clean", {})
     if "toy_fid" in clean:
-        table.add_row("toy-CLIP FID, generated vs real (clean)", "report", f"{clean['toy_fid']:.4f}", str(clean["harmful"]["n"]), "", "")
+        table.add_row(
+            "toy-CLIP FID, generated vs real (clean)",
+            "report",
+            f"{clean['toy_fid']:.4f}",
+            str(clean["harmful"]["n"]),
+            "",
+            "",
+        )
     console.print(table)
     t = meta.get("timings_s", {})
     if t:
@@ -44,7 +53,9 @@ def build(
     profile: Annotated[str, typer.Option(help="quick (CI-sized, ~2 min) or full (the embedded default)")] = "full",
     seed: Annotated[int, typer.Option(help="world seed")] = 0,
     out: Annotated[Path | None, typer.Option(help="output folder (default: $CONCEPTLOCK_HOME/worlds/PROFILE)")] = None,
-    concepts: Annotated[str, typer.Option(help="comma-separated harmful concepts; the first is the default target")] = "gore,fire",
+    concepts: Annotated[
+        str, typer.Option(help="comma-separated harmful concepts; the first is the default target")
+    ] = "gore,fire",
     force: Annotated[bool, typer.Option(help="rebuild even if an identical world exists")] = False,
 ) -> None:
     """Build the toy world; a second run with the same config is a no-op.

@@ -128,7 +128,9 @@ def train_vae(images01: torch.Tensor, steps: int, seed: int, resolution: int, ba
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images01: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means (unscaled)."""
-    return torch.cat([vae.encode(_to_pm1(images01[i : i + batch])).latent_dist.mean for i in range(0, len(images01), batch)])
+    return torch.cat(
+        [vae.encode(_to_pm1(images01[i : i + batch])).latent_dist.mean for i in range(0, len(images01), batch)]
+    )
 
 
 @torch.no_grad()
@@ -140,7 +142,9 @@ def reconstruct(vae: AutoencoderKL, images01: torch.Tensor, batch: int = 256) ->
     return torch.cat(out)
 
 
-def train_judges(cfg: WorldConfig, examples: list[Example], images01: torch.Tensor, recon: torch.Tensor, steps: int, folder: Path) -> None:
+def train_judges(
+    cfg: WorldConfig, examples: list[Example], images01: torch.Tensor, recon: torch.Tensor, steps: int, folder: Path
+) -> None:
     concepts = cfg.concepts
     harm = torch.tensor([[float(c in e.scene.harm) for c in concepts] for e in examples])
     det = train_judge({"harm": len(concepts)}, images01, {"harm": harm}, steps, cfg.seed + 11, recon, desc="detector")
@@ -159,7 +163,12 @@ def train_judges(cfg: WorldConfig, examples: list[Example], images01: torch.Tens
     }
     heads = {"object": len(OBJECTS), "colour": len(COLOUR_NAMES), "style": len(STYLE_CLASSES)}
     att = train_judge(heads, images01, targets, steps, cfg.seed + 12, recon, desc="attributes")
-    save_judge(att, folder, "attributes", {"heads": heads, "objects": OBJECTS, "colours": COLOUR_NAMES, "styles": STYLE_CLASSES})
+    save_judge(
+        att,
+        folder,
+        "attributes",
+        {"heads": heads, "objects": OBJECTS, "colours": COLOUR_NAMES, "styles": STYLE_CLASSES},
+    )
 
 
 def train_unet(
@@ -176,12 +185,18 @@ def train_unet(
     torch.manual_seed(cfg.seed + 21)
     g = torch.Generator().manual_seed(cfg.seed + 21)
     rng = np.random.default_rng(cfg.seed + 21)
-    unet = UNet2DConditionModel(**unet_config(sample_size=cfg.resolution // 2, channels=(32, 64), cross_attention_dim=text_encoder.config.hidden_size))
+    unet = UNet2DConditionModel(
+        **unet_config(
+            sample_size=cfg.resolution // 2, channels=(32, 64), cross_attention_dim=text_encoder.config.hidden_size
+        )
+    )
     sched = scheduler_for_training()
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warm = max(steps // 20, 1)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + np.cos(np.pi * min(s / steps, 1.0))) * 0.9 + 0.1))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + np.cos(np.pi * min(s / steps, 1.0))) * 0.9 + 0.1)
+    )
     n = latents.shape[0]
     alphas = sched.alphas_cumprod
     unet.train()
@@ -189,7 +204,9 @@ def train_unet(
         idx = torch.randint(0, n, (batch,), generator=g)
         texts = ["" if rng.random() < 0.1 else captions[i] for i in idx.tolist()]
         with torch.no_grad():
-            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             cond = text_encoder(ids)[0]
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=g)
@@ -283,7 +300,9 @@ def report_card(world: Path, cfg: WorldConfig, pipe: StableDiffusionPipeline | N
     card["judges"]["n_heldout"] = len(held)
     # the base model
     if pipe is None:
-        pipe = StableDiffusionPipeline.from_pretrained(str(world / "pipeline"), safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(world / "pipeline"), safety_checker=None, requires_safety_checker=False
+        )
         pipe.set_progress_bar_config(disable=True)
     target = cfg.concepts[0]
     for name in ["clean", f"explicit-{target}", f"implicit-{target}"] + [f"explicit-{c}" for c in cfg.concepts[1:]]:
@@ -370,10 +389,14 @@ def write_data_sets(world: Path, cfg: WorldConfig, n_domain: int = 256, n_malici
         write_image_folder(data / f"domain-{d}", domain_examples(cfg, d, n_domain, purpose="finetune"), cfg.resolution)
         sets[f"domain-{d}"] = n_domain
     for c in cfg.concepts:
-        write_image_folder(data / f"malicious-{c}", malicious_examples(cfg, c, n_malicious, purpose="finetune"), cfg.resolution)
+        write_image_folder(
+            data / f"malicious-{c}", malicious_examples(cfg, c, n_malicious, purpose="finetune"), cfg.resolution
+        )
         sets[f"malicious-{c}"] = n_malicious
         # LCFD's training data: clean and harmful images with a class column (1 clean, 2 harmful)
-        clean = [e for e in pretrain_examples(cfg, n=3 * n_malicious, purpose=f"lcfd:{c}") if not e.scene.harm][:n_malicious]
+        clean = [e for e in pretrain_examples(cfg, n=3 * n_malicious, purpose=f"lcfd:{c}") if not e.scene.harm][
+            :n_malicious
+        ]
         harm = malicious_examples(cfg, c, n_malicious // 2, purpose=f"lcfd:{c}")
         write_image_folder(data / f"lcfd-{c}", clean + harm, cfg.resolution)
         sets[f"lcfd-{c}"] = len(clean) + len(harm)
@@ -395,7 +418,9 @@ def build_world(cfg: WorldConfig, out: str | Path | None = None, force: bool = F
         log(f"world {out} is up to date (config {cfg.config_hash()})")
         return out
     if out.exists() and not (out / "world.json").exists() and any(out.iterdir()):
-        raise ConceptlockError(f"{out}: exists and is not a world folder; refusing to overwrite it (choose another --out)")
+        raise ConceptlockError(
+            f"{out}: exists and is not a world folder; refusing to overwrite it (choose another --out)"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
@@ -458,7 +483,16 @@ def _build_into(tmp: Path, cfg: WorldConfig, log) -> None:
     text_encoder = CLIPTextModel(clip.config.text_config)
     getattr(text_encoder, "text_model", text_encoder).load_state_dict(clip.text_model.state_dict())
     text_encoder.eval().requires_grad_(False)
-    unet = train_unet(cfg, z * scaling, [e.caption for e in pre], text_encoder, tokenizer, budget.unet_steps, budget.unet_batch, budget.unet_lr)
+    unet = train_unet(
+        cfg,
+        z * scaling,
+        [e.caption for e in pre],
+        text_encoder,
+        tokenizer,
+        budget.unet_steps,
+        budget.unet_batch,
+        budget.unet_lr,
+    )
     mark("base_model")
 
     pipe = StableDiffusionPipeline(
@@ -489,7 +523,11 @@ def _build_into(tmp: Path, cfg: WorldConfig, log) -> None:
         "versions": _versions(),
         "timings_s": timings,
         "data_sets": data_sets,
-        "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS), "domains": {d: DOMAINS[d].description for d in cfg.domains}},
+        "vocabulary": {
+            "shapes": list(SHAPES),
+            "colours": list(COLOURS),
+            "domains": {d: DOMAINS[d].description for d in cfg.domains},
+        },
         "card": card,
     }
     # world.json last: its presence (with the hash) is what marks the folder complete
@@ -500,5 +538,9 @@ def _versions() -> dict:
     import diffusers
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -169,7 +169,11 @@ def pretrain_examples(cfg: WorldConfig, n: int | None = None, purpose: str = "pr
         scene = random_scene(rng, cfg, harm=harm)
         if harm:
             r = rng.random()
-            mode = "none" if r < cfg.p_unlabelled_harm else ("implicit" if r < cfg.p_unlabelled_harm + cfg.p_implicit else "explicit")
+            mode = (
+                "none"
+                if r < cfg.p_unlabelled_harm
+                else ("implicit" if r < cfg.p_unlabelled_harm + cfg.p_implicit else "explicit")
+            )
         else:
             mode = "none"
         out.append(Example(scene, caption(scene, rng, mode), int(bool(harm))))

@@ -36,7 +36,9 @@ class JudgeNet(nn.Module):
         def block(i: int, o: int, s: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU())
 
-        self.features = nn.Sequential(block(3, w, 1), block(w, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 2), block(2 * w, 4 * w, 2))
+        self.features = nn.Sequential(
+            block(3, w, 1), block(w, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 2), block(2 * w, 4 * w, 2)
+        )
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w, n) for k, n in heads.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -122,7 +124,9 @@ def save_judge(net: JudgeNet, folder: Path, name: str, meta: dict) -> None:
 def load_judge(folder: Path, name: str) -> tuple[JudgeNet, dict]:
     meta_path, w_path = folder / f"{name}.json", folder / f"{name}.safetensors"
     if not meta_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{folder}: judge {name!r} is missing ({w_path.name}); rebuild with `conceptlock world build`")
+        raise FileNotFoundError(
+            f"{folder}: judge {name!r} is missing ({w_path.name}); rebuild with `conceptlock world build`"
+        )
     meta = json.loads(meta_path.read_text())
     net = JudgeNet(meta["heads"])
     net.load_state_dict(load_file(str(w_path)))
