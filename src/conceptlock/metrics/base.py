@@ -170,7 +170,9 @@ def to_pil(images: Any) -> list[Image.Image]:
             t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
         arr = t.permute(0, 2, 3, 1).numpy()
         return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).convert("RGB") for a in arr]
-    if isinstance(images, (Image.Image, np.ndarray)):
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # a NHWC batch
+        images = list(images)
+    elif isinstance(images, (Image.Image, np.ndarray)):
         images = [images]
     out = []
     for im in images:

@@ -214,7 +214,10 @@ def train_unet(
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        # min-SNR-5 weighting (Hang et al. 2023): converges markedly faster at this scale
+        snr = a.view(-1) / (1 - a.view(-1))
+        w = torch.clamp(snr, max=5.0) / snr
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
