@@ -323,6 +323,11 @@ def generate(
         e = done.get(it.image)
         return e is not None and e.get("key") == it.entry["key"] and (out / it.image).is_file()
 
+    call = pipe
+    if options and options.get("sld") is not None:  # safe latent diffusion: our own loop, same pipeline parts
+        from .sld import sld_pipeline_call
+
+        call = sld_pipeline_call(pipe, options)
     part = out / f"manifest.part-{shards.index:03d}of{shards.count:03d}.jsonl"
     generated = skipped = calls = 0
     n_mine = sum(len(b) for b in mine)
@@ -337,7 +342,7 @@ def generate(
                 bar.update(len(batch))
                 continue
             gens = [torch.Generator(device="cpu").manual_seed(it.seed) for it in batch]
-            result = pipe(
+            result = call(
                 prompt=[it.row.prompt for it in batch],
                 num_inference_steps=steps,
                 guidance_scale=batch[0].guidance,
