@@ -16,6 +16,7 @@ Defaults per method (from the papers' released code; every one is overridable):
     lcfd-lt    full UNet, 2000 steps, lr 1e-5, batch 1 x accumulation 4, cosine schedule, lambda_tot 5e-5
     lcfd-ng    as lcfd-lt with lambda_tot 5e-3, fixed noise
     lcfd-high  as lcfd-lt with 10000 steps (gradient ascent on harmful data)
+    uce        training-free closed-form edit of attn2 to_k/to_v (methods/uce.py): model/ + config.json
 A LoRA run (`--params lora:NAME`) defaults to lr 1e-4 (the diffusers LoRA recipe).
 """
 
@@ -58,6 +59,7 @@ METHODS: dict[str, MethodDefaults] = {
     "lcfd-high": MethodDefaults("lcfd-high", "full", 10000, 1e-5, 4, 4, "cosine"),
 }
 LORA_LR = 1e-4
+TRAINING_FREE = ("uce",)  # closed-form edits: conceptlock.methods.uce.run_uce, no trainer
 
 
 @dataclass
@@ -121,8 +123,16 @@ def run_align(
     overwrite: bool = False,
 ) -> AlignResult:
     """Align `model` (a pipeline folder, or a pipeline object, which is trained in place) against `concepts`."""
+    if method in TRAINING_FREE:
+        opts = {"--params": params, "--steps": steps, "--lr": lr, "--data": data, "--released-code": released_code}
+        bad = [k for k, v in opts.items() if v is not None and v is not False]
+        if bad:
+            raise ConceptlockError(f"--method {method} is training-free: {', '.join(bad)} cannot apply")
+        from .methods.uce import run_uce
+
+        return run_uce(model, concepts, out, world=world, overwrite=overwrite, **(objective_kwargs or {}))
     if method not in METHODS:
-        raise ConceptlockError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+        raise ConceptlockError(f"--method {method!r}: choose one of {', '.join([*METHODS, *TRAINING_FREE])}")
     if not concepts:
         raise ConceptlockError("--concept: give at least one concept")
     d = METHODS[method]

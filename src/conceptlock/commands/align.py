@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..align import METHODS, run_align
+from ..align import METHODS, TRAINING_FREE, run_align
 
 EXAMPLE = (
     "conceptlock align --method esd --model runs/base --concept nudity --concept 'naked person' "
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         no_args_is_help=True,
     )
     def align_cmd(
-        method: str = typer.Option(..., "--method", help=f"One of: {', '.join(METHODS)}."),
+        method: str = typer.Option(..., "--method", help=f"One of: {', '.join([*METHODS, *TRAINING_FREE])}."),
         model: Path = typer.Option(..., "--model", help="Diffusers pipeline folder to align."),
         concept: list[str] = typer.Option(..., "--concept", help="Concept prompt text; repeat for several."),
         out: Path = typer.Option(..., "--out", help="Run folder for the artefact, logs and checkpoints."),
@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
         alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: the rank)."),
         eta: float | None = typer.Option(None, "--eta", help="ESD negative-guidance strength."),
         lambda_tot: float | None = typer.Option(None, "--lambda-tot", help="LCFD contrastive weight."),
+        guide: str | None = typer.Option(None, "--guide", help="UCE: text the concept is mapped to (default: '')."),
+        preserve: list[str] = typer.Option([], "--preserve", help="UCE: text whose keys/values stay; repeatable."),
+        uce_lambda: float | None = typer.Option(None, "--uce-lambda", help="UCE regulariser lambda (default 0.5)."),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -63,6 +66,8 @@ def register(app: typer.Typer) -> None:
             okw["eta"] = eta
         if lambda_tot is not None:
             okw["lambda_tot"] = lambda_tot
+        if method in TRAINING_FREE:  # uce: --guide/--preserve/--uce-lambda; example: --method uce --concept gore
+            okw.update({"guide": guide, "preserve": preserve} | ({"lam": uce_lambda} if uce_lambda is not None else {}))
         res = run_align(
             method,
             model,
@@ -85,4 +90,5 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite,
         )
         state = "aligned" if res.finished else "stopped early"
-        typer.echo(f"{state}: {res.artifact}  (log: {res.out / 'train_log.jsonl'})")
+        log = res.out / "train_log.jsonl"  # training-free methods (uce) have none
+        typer.echo(f"{state}: {res.artifact}" + (f"  (log: {log})" if log.exists() else ""))
