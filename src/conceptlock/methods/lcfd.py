@@ -119,10 +119,11 @@ class LCFD(Objective):
     def _released_contrastive(self, d_own: Tensor, d_other: Tensor, label: Tensor) -> float:
         """The released scripts' number: batch sums and a batch-level hinge, detached through .item()."""
         clean, harm = (1 - label).float(), label.float()
-        own = (clean * d_own).sum().item() + (harm * d_own).sum().item()
-        push = max(0.0, (clean * d_other).sum().item() - self.margin) + max(
-            0.0, (harm * d_other).sum().item() - self.margin
-        )
+        # released-code replica: .item() detaches on purpose (the published bug)
+        own = (clean * d_own).sum().item() + (harm * d_own).sum().item()  # released
+        push_c = max(0.0, (clean * d_other).sum().item() - self.margin)  # released
+        push_h = max(0.0, (harm * d_other).sum().item() - self.margin)  # released
+        push = push_c + push_h
         return own - self.lambda_c * push
 
     # --- loss ------------------------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ inappropriate, an image is flagged when class 1 wins (p1 > 0.5). Reported: flagg
 95% CI) and mean p1.
 
 Weights: a safetensors file holding a (2, D) tensor named ``prompts`` (or its only tensor). The
-release is a pickle (``prompts.p``); convert it once on your machine, from a source you trust::
-
-    import pickle, torch; from safetensors.torch import save_file
-    emb = torch.as_tensor(pickle.load(open("prompts.p", "rb"))).float()
-    save_file({"prompts": emb.contiguous()}, "q16-prompts-l14.safetensors")
+release is a pickle (``prompts.p``); conceptlock never unpickles files. Convert it once, on a
+machine and from a source you trust, to a safetensors file with one (2, D) float tensor named
+``prompts`` (load it with numpy/torch there, then ``safetensors.torch.save_file``).
 
 Default location: ``$CONCEPTLOCK_WEIGHTS/q16/prompts-vit-l14.safetensors``.
 
