@@ -192,3 +192,6 @@ def test_command_on_a_micro_world(micro_world, tmp_path):
     assert isinstance(rep["successful"], list) and len(rep["per_prompt"]) == 3
     bad = runner.invoke(app, [*args[:-2], "--k", "0", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--k must be >= 1" in str(bad.exception)
+    from conceptlock.cli import app as main_app  # registered in the real `attack` group
+
+    assert "UnlearnDiffAtk" in runner.invoke(main_app, ["attack", "prompt", "--help"], terminal_width=200).output
