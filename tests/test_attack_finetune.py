@@ -149,5 +149,9 @@ def test_attack_cli_full_finetune_curve(world, tmp_path):
     assert "wrote" in res.output and (out / "points" / "step_00000001" / "model" / "model_index.json").is_file()
     curve = json.loads((out / "curve.json").read_text())
     assert curve["config"]["params"] == "full" and curve["config"]["mode"] == "standard"
-    assert curve["points"][1]["inference"] == {"model": str(out / "points" / "step_00000001" / "model"), "adapters": []}
+    assert curve["points"][1]["inference"] == {
+        "model": str(out / "points" / "step_00000001" / "model"),
+        "adapters": [],
+        "carried": [],
+    }
     assert curve["points"][1]["fidelity_n"] == 2 and curve["points"][1]["n"] == 2

@@ -138,7 +138,11 @@ def test_full_finetune_fuses_safety_first_and_writes_a_pipeline(env, tmp_path):
     res = run_finetune(base, data, tmp_path / "full", params="full", adapters=[f"safety={unet_only}"], steps=1)
     assert res.mode == "standard" and res.artifact == tmp_path / "full" / "model"
     tuned = load_pipeline(res.artifact)
-    assert A.adapter_names(tuned) == [] and res.config["inference"] == {"model": str(res.artifact), "adapters": []}
+    assert A.adapter_names(tuned) == [] and res.config["inference"] == {
+        "model": str(res.artifact),
+        "adapters": [],
+        "carried": [],
+    }
     fused = load_pipeline(base)
     A.apply_adapters(fused, [f"safety={unet_only}"])
     A.fuse(fused, {"safety": 1.0})
@@ -147,6 +151,29 @@ def test_full_finetune_fuses_safety_first_and_writes_a_pipeline(env, tmp_path):
     w0 = load_pipeline(base).unet.state_dict()["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
     # one step at lr 1e-5 moves the weights by ~1e-5; the fused safety delta is far larger
     assert (w_tuned - w_fused).abs().max() < 1e-3 < (w_tuned - w0).abs().max()
+
+
+def test_a_composed_folder_carries_its_adapters_into_modular_training(env, tmp_path):
+    from conceptlock.compose import run_compose
+
+    root, base, data, _ = env
+    composed = run_compose(base, [f"safety={root / 'unet_safety.safetensors'}:0.5"], tmp_path / "composed").out
+    res = run_finetune(composed, data, tmp_path / "run", steps=1)
+    assert res.mode == "modular" and [a["name"] for a in res.config["adapters"]] == ["safety"]
+    carried = f"safety={composed / 'adapters' / 'safety.safetensors'}:0.5"
+    assert res.config["inference"] == {
+        "model": str(composed),
+        "adapters": [f"task={res.artifact}:1"],
+        "carried": [carried],
+    }
+    # the recipe rebuilds the fine-tuned model: the folder brings safety, --adapter adds the task
+    from conceptlock.compose import load_model
+
+    rebuilt, refs = load_model(composed, res.config["inference"]["adapters"])
+    assert [(r.name, r.weight) for r in refs] == [("safety", 0.5), ("task", 1.0)]
+    x, t, e = torch.randn(1, 4, 16, 16), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.unet(x, t, e).sample, res.pipe.unet(x, t, e).sample, atol=1e-5)
 
 
 def test_resume_equals_a_straight_run(env, tmp_path):

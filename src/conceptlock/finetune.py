@@ -250,13 +250,23 @@ def save_artifact(setup: FinetuneSetup, path: str | Path) -> Path:
     return save_pipeline(setup.pipe, path, overwrite=True)
 
 
-def inference_recipe(model: str | Path | Any, setup: FinetuneSetup, artifact: Path) -> dict[str, Any]:
-    """The model + adapter specs that reproduce the fine-tuned model (what compose / evaluate take)."""
-    if not setup.spec.is_lora:
-        return {"model": str(artifact), "adapters": []}
-    refs = [*setup.refs, AdapterRef(setup.spec.adapter, artifact, 1.0)]
-    base = str(model) if isinstance(model, str | Path) else None
-    return {"model": base, "adapters": [r.spec() for r in refs]}
+def inference_recipe(
+    model: str | Path | Any, refs: Sequence[AdapterRef], new: AdapterRef | None, artifact: Path | None = None
+) -> dict[str, Any]:
+    """How to rebuild a (fine-tuned) model: `model` plus `adapters` (NAME=FILE:WEIGHT specs, what `--adapter`
+    takes); `carried` lists what a composed model folder already brings with it (not to be passed again).
+    `artifact` set = a full fine-tune: the pipeline folder alone (adapters were fused into it)."""
+    if artifact is not None:
+        return {"model": str(artifact), "adapters": [], "carried": []}
+    if not isinstance(model, str | Path):
+        return {"model": None, "adapters": [r.spec() for r in [*refs, *([new] if new else [])]], "carried": []}
+    in_folder = {r.name for r in read_composition(model)}
+    extra = [r for r in refs if r.name not in in_folder] + ([new] if new else [])
+    return {
+        "model": str(model),
+        "adapters": [r.spec() for r in extra],
+        "carried": [r.spec() for r in refs if r.name in in_folder],
+    }
 
 
 def default_lr(spec: ParamSpec) -> float:
@@ -354,7 +364,9 @@ def run_finetune(
         "objective_config": setup.objective.config(),
         "train": asdict(cfg),
         "artifact": str(artifact),
-        "inference": inference_recipe(model, setup, artifact),
+        "inference": inference_recipe(model, setup.refs, AdapterRef(spec.adapter, artifact, 1.0))
+        if spec.is_lora
+        else inference_recipe(model, setup.refs, None, artifact),
         "finished": False,
         "steps_done": 0,
     }

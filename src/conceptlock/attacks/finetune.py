@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -51,6 +52,7 @@ from ..finetune import (
     FinetuneSetup,
     carried_adapters,
     default_lr,
+    inference_recipe,
     prepare_finetune,
     resolve_data,
     resolve_mode,
@@ -210,6 +212,8 @@ def run_attack_curve(
 
     out = Path(out)
     points_wanted = parse_schedule(schedule)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConceptlockError("attack finetune runs in one process; launch it without accelerate/torchrun")
     spec = parse_params(params, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None)
     if evals is None:
         evals = default_evals(data)
@@ -336,15 +340,14 @@ def run_attack_curve(
 
     def eval_pipe(step: int) -> tuple[Any, dict[str, Any]]:
         if step > 0 and not spec.is_lora:
-            return load_pipeline(artifact_at(step)), {"model": str(artifact_at(step)), "adapters": []}
-        extra = [AdapterRef(spec.adapter, artifact_at(step), 1.0)] if step > 0 else []
+            return load_pipeline(artifact_at(step)), inference_recipe(pristine, refs, None, artifact_at(step))
+        new = AdapterRef(spec.adapter, artifact_at(step), 1.0) if step > 0 else None
         if isinstance(pristine, str | Path):
-            pipe, all_refs = load_model(pristine, [*adapters, *extra])
+            pipe, _ = load_model(pristine, [*adapters, *([new] if new else [])])
         else:
-            pipe, all_refs = copy.deepcopy(pristine), [*refs, *extra]
-            apply_refs(pipe, all_refs)
-        base = str(pristine) if isinstance(pristine, str | Path) else None
-        return pipe, {"model": base, "adapters": [r.spec() for r in all_refs]}
+            pipe = copy.deepcopy(pristine)
+            apply_refs(pipe, [*refs, *([new] if new else [])])
+        return pipe, inference_recipe(pristine, refs, new)
 
     def write_curve() -> None:
         pts = [done[s] for s in sorted(done)]

@@ -58,6 +58,7 @@ def finetune_attack_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N prompts of each set."),
     gen_steps: int = typer.Option(20, "--gen-steps", help="Sampler steps for scoring."),
     gen_batch_size: int = typer.Option(16, "--gen-batch-size", help="Prompts per pipeline call."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="Training precision: no | fp16 | bf16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing curve in --out."),
 ) -> None:
     from ..attacks.finetune import run_attack_curve
@@ -83,6 +84,7 @@ def finetune_attack_cmd(
         limit=limit,
         gen_steps=gen_steps,
         gen_batch_size=gen_batch_size,
+        train_kwargs={"mixed_precision": mixed_precision},
         overwrite=overwrite,
     )
 

@@ -87,6 +87,6 @@ def register(app: typer.Typer) -> None:
             return
         typer.echo(f"fine-tuned ({res.mode}): {res.artifact}")
         inf = res.config["inference"]
-        if inf["adapters"]:
+        if inf["adapters"] and inf["model"]:
             specs = " ".join(f"--adapter {a}" for a in inf["adapters"])
-            typer.echo(f"evaluate with: conceptlock evaluate --model {inf['model']} {specs} ...")
+            typer.echo(f"compose for evaluation: conceptlock compose --base {inf['model']} {specs} --out DIR")
