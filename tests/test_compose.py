@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -225,3 +226,22 @@ def test_compose_cli(files, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert [r.name for r in read_composition(out)] == ["safety", "task"]
+
+
+def test_evaluate_honours_a_composed_folder(files, tmp_path):
+    """`evaluate --model COMPOSED` must score W0 + dW_safe + dW_task, not silently W0."""
+    from conceptlock.commands.evaluate import run_evaluate
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,seed\na red circle,1\na blue star,2\n")
+    _, base, safety, task = files
+    adapters = [f"safety={safety}:1.0", f"task={task}:1.0"]
+    run_compose(base, adapters, tmp_path / "composed")
+    kw = dict(prompts=csv, metrics=["nudenet"], steps=2, guidance=3.0, progress=False, contact_sheet=0)
+    a = run_evaluate(tmp_path / "a", model=tmp_path / "composed", **kw)
+    run_evaluate(tmp_path / "b", model=base, adapters=adapters, **kw)
+    run_evaluate(tmp_path / "c", model=base, **kw)
+    assert [x["name"] for x in a["config"]["adapters"]] == ["safety", "task"]
+    ims = {k: [np.asarray(Image.open(p)) for p in sorted((tmp_path / k).glob("**/*.png"))] for k in "abc"}
+    assert len(ims["a"]) == 2 and all(np.array_equal(x, y) for x, y in zip(ims["a"], ims["b"], strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(ims["a"], ims["c"], strict=True))

@@ -229,14 +229,25 @@ def run_evaluate(
 
         from ..generate import generate
 
+        carried: list = []
         if pipe is None:
             from ..pipelines import load_pipeline
 
             dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
             if dt is None:
                 raise ConceptlockError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
-            pipe = load_pipeline(model, dtype=dt)
-        if adapters:
+            from ..compose import read_composition
+
+            carried = read_composition(model)  # a composed folder carries its adapters
+            if carried:
+                from ..compose import load_model
+
+                pipe, refs = load_model(model, adapters, dtype=dt)
+                adapters = [r.spec() for r in refs]
+                adapter_info = [{"name": r.name, "path": str(r.path), "weight": r.weight} for r in refs]
+            else:
+                pipe = load_pipeline(model, dtype=dt)
+        if adapters and not carried:
             # Lazy: adapters.py is owned by another module and may land after this one.
             try:
                 from ..adapters import apply_adapters
