@@ -98,5 +98,37 @@ def info(
         print_card(meta)
 
 
+@world_app.command("ship")
+def ship(
+    folder: Annotated[Path, typer.Argument(help="a built full-profile world folder")],
+    dest: Annotated[Path | None, typer.Option(help="where to pack it (default: the package's world/shipped)")] = None,
+) -> None:
+    """Maintainers: pack a built world's weights (float16) into the package as the embedded default.
+
+    Example: conceptlock world ship ~/.cache/conceptlock/worlds/full
+    """
+    from ..world.build import read_world
+    from ..world.shipped import ship_world
+
+    out = ship_world(folder, dest)
+    print_card(read_world(out))
+    console.print(f"shipped: {out}")
+
+
+@world_app.command("unpack")
+def unpack(
+    out: Annotated[Path | None, typer.Option(help="destination (default: $CONCEPTLOCK_HOME/worlds/full)")] = None,
+) -> None:
+    """Unpack the world shipped with the package (seconds) instead of building it (minutes).
+
+    Example: conceptlock world unpack --out runs/world
+    """
+    from ..world.build import default_world_dir, read_world
+    from ..world.shipped import materialise
+
+    folder = materialise(out or default_world_dir("full"), log=console.print)
+    print_card(read_world(folder))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(world_app, name="world")

@@ -32,6 +32,10 @@ def current_world() -> Path:
         d = default_world_dir(profile)
         if (d / "world.json").is_file():
             return d
+    from .shipped import materialise, shipped_meta
+
+    if shipped_meta() is not None:  # first use: unpack the weights that ship with the package
+        return materialise(default_world_dir("full"))
     raise ConceptlockError("no toy world found: run `conceptlock world build` or set CONCEPTLOCK_WORLD=DIR")
 
 
