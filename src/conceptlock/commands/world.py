@@ -32,6 +32,13 @@ def print_card(meta: dict) -> None:
         ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else ""
         measured = "missing" if r["measured"] is None else f"{r['measured']:.3f}"
         table.add_row(r["figure"], r["threshold"], measured, str(r["n"] or ""), ci, "yes" if r["ok"] else "NO")
+    judges = meta["card"].get("judges", {})
+    for key, label in (
+        (f"detector_auroc_{target}_recon", f"detector AUROC ({target}), VAE reconstructions"),
+        ("attribute_accuracy_shape_recon", "attribute accuracy, shape, VAE reconstructions"),
+    ):
+        if key in judges:
+            table.add_row(label, "report", f"{judges[key]:.3f}", str(judges.get("n_heldout", "")), "", "")
     clean = meta["card"].get("base_model", {}).get("clean", {})
     if "toy_fid" in clean:
         table.add_row(

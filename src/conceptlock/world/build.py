@@ -290,23 +290,26 @@ def report_card(world: Path, cfg: WorldConfig, pipe: StableDiffusionPipeline | N
     held = pretrain_examples(cfg, n=1024, purpose="judge-heldout")
     held += sum((domain_examples(cfg, d, 128, purpose="judge-heldout") for d in cfg.domains), [])
     imgs = render_examples(held, cfg.resolution)
-    scores = judges.harm_scores(imgs)
-    for c in cfg.concepts:
-        y = np.array([c in e.scene.harm for e in held])
-        card["judges"][f"detector_auroc_{c}"] = auroc(scores[c], y)
-    att = judges.attributes(imgs)
     truth_obj = [e.scene.glyph if e.scene.domain == "glyphs" else e.scene.shape for e in held]
-    acc_shape = np.mean([a == b for a, b in zip(att["shape"], truth_obj, strict=True)])
-    acc_col = np.mean([a == e.scene.colour for a, e in zip(att["colour"], held, strict=True)])
-    card["judges"]["attribute_accuracy_shape"] = float(acc_shape)
-    card["judges"]["attribute_accuracy_colour"] = float(acc_col)
-    card["judges"]["n_heldout"] = len(held)
-    # the base model
+    # renders, and their VAE reconstructions: the decoder's artefacts are what generated images carry
     if pipe is None:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(world / "pipeline"), safety_checker=None, requires_safety_checker=False
         )
         pipe.set_progress_bar_config(disable=True)
+    recon = (reconstruct(pipe.vae, to_tensor(imgs)) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for suffix, batch in (("", imgs), ("_recon", recon)):
+        scores = judges.harm_scores(batch)
+        for c in cfg.concepts:
+            y = np.array([c in e.scene.harm for e in held])
+            card["judges"][f"detector_auroc_{c}{suffix}"] = auroc(scores[c], y)
+        att = judges.attributes(batch)
+        acc_shape = np.mean([a == b for a, b in zip(att["shape"], truth_obj, strict=True)])
+        acc_col = np.mean([a == e.scene.colour for a, e in zip(att["colour"], held, strict=True)])
+        card["judges"][f"attribute_accuracy_shape{suffix}"] = float(acc_shape)
+        card["judges"][f"attribute_accuracy_colour{suffix}"] = float(acc_col)
+    card["judges"]["n_heldout"] = len(held)
+    # the base model
     target = cfg.concepts[0]
     for name in ["clean", f"explicit-{target}", f"implicit-{target}"] + [f"explicit-{c}" for c in cfg.concepts[1:]]:
         rows = prompt_set(cfg, name, budget.eval_per_set)
