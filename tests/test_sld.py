@@ -148,3 +148,23 @@ def test_generate_hook_uses_sld_and_records_options(pipe, tmp_path):
 
     got = np.asarray(Image.open(tmp_path / entry["image"]))
     np.testing.assert_array_equal(got, np.asarray(direct.images[0]))
+
+
+def test_evaluate_cli_takes_sld_and_refuses_unknown_presets(tmp_path):
+    from typer.testing import CliRunner
+
+    from conceptlock.cli import app
+    from conceptlock.pipelines import save_pipeline, tiny_pipeline
+
+    save_pipeline(tiny_pipeline(0), tmp_path / "m")
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,seed\na red circle,1\n")
+    base = ["evaluate", "--model", str(tmp_path / "m"), "--prompts", str(csv), "--metrics", "nudenet", "--steps", "2"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--sld", "HUGE"])
+    assert r.exit_code != 0 and "HUGE" in str(r.exception) and "\n" not in str(r.exception)
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "ok"), "--sld", "MAX", "--sld-concept", "blood"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    manifest = [json.loads(x) for x in (tmp_path / "ok" / "manifest.jsonl").read_text().splitlines()]
+    assert manifest[0]["options"]["sld"] == "MAX" and manifest[0]["options"]["sld_concept"] == "blood"

@@ -418,7 +418,12 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Base seed for CSVs without a seed column."),
         dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
         no_resume: bool = typer.Option(False, "--no-resume", help="Regenerate images already on disk."),
+        sld: str | None = typer.Option(None, "--sld", help="Safe Latent Diffusion preset: WEAK, MEDIUM, STRONG, MAX."),
+        sld_concept: str | None = typer.Option(None, "--sld-concept", help="SLD safety concept text."),
     ) -> None:
+        options = {"sld": sld, **({"sld_concept": sld_concept} if sld_concept else {})} if sld else None
+        if sld_concept and not sld:
+            raise ConceptlockError("--sld-concept needs --sld PRESET")
         rep = run_evaluate(
             out,
             prompts=prompts,
@@ -436,6 +441,7 @@ def register(app: typer.Typer) -> None:
             base_seed=seed,
             dtype=dtype,
             resume=not no_resume,
+            options=options,
         )
         if rep is None:
             return
