@@ -480,10 +480,16 @@ def _message(err: dict[str, Any]) -> str:
     return msg
 
 
-def _first_error(e: ValidationError) -> tuple[tuple[Any, ...], str, int]:
+def _first_error(e: ValidationError, root: type[BaseModel] | None = None) -> tuple[tuple[Any, ...], str, int]:
+    """(location, message, how many more) of the first error; a model check's "field: why" moves into the path."""
     errs = e.errors()
     err = errs[0]
-    return tuple(err["loc"]), _message(err), len(errs) - 1
+    loc, msg = tuple(err["loc"]), _message(err)
+    m = re.match(r"^([a-z_]+): (.*)$", msg)
+    cls = _model_at(loc) if root is None else root
+    if m and cls is not None and m.group(1) in cls.model_fields:
+        loc, msg = (*loc, m.group(1)), m.group(2)
+    return loc, msg, len(errs) - 1
 
 
 # ------------------------------------------------------------------------------------------ profiles
@@ -498,7 +504,7 @@ def _apply_profile(raw: dict[str, Any], profile: str, where: str) -> tuple[dict[
     try:
         prof = ProfileOverride.model_validate(prof_raw)
     except ValidationError as e:
-        loc, msg, more = _first_error(e)
+        loc, msg, more = _first_error(e, ProfileOverride)
         loc = ("profiles", profile, *loc)
         raise ConceptlockError(f"{where}: {_loc_str(loc)}: {msg}{f' (and {more} more)' if more else ''}") from None
     known_ids = {str(entry.get("id")): section for section in LIST_SECTIONS for entry in (merged.get(section) or [])}
