@@ -11,7 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import conceptlock.align  # noqa: F401  (these bind load_pipeline at import: import them before any test patches it)
+import conceptlock.attacks.finetune  # noqa: F401
+import conceptlock.attacks.prompt  # noqa: F401
 import conceptlock.experiments.runner as R
+import conceptlock.finetune  # noqa: F401
+import conceptlock.methods.uce  # noqa: F401
+from conceptlock.cli import app  # imports every command module
 from conceptlock.errors import ConceptlockError
 from conceptlock.experiments.config import bundled_experiments, load_experiment
 from conceptlock.experiments.runner import plan_experiment, run_experiment, run_plan
@@ -254,8 +260,6 @@ def test_every_bundled_experiment_dry_runs_offline_without_loading_weights(tmp_p
     quick_b = load_experiment("paper-b", "quick")
     assert all(s <= 20 for at in quick_b.attacks for s in at.schedule) and quick_b.eval.limit <= 16
     # the same through the CLI
-    from conceptlock.cli import app
-
     res = CliRunner().invoke(
         app, ["reproduce", "paper-b-sd14", "paper-a-sd15", "--dry-run", "--out", str(tmp_path / "o")]
     )
@@ -264,8 +268,6 @@ def test_every_bundled_experiment_dry_runs_offline_without_loading_weights(tmp_p
 
 
 def test_cli_help_has_an_example_and_bad_names_fail_in_one_line(tmp_path):
-    from conceptlock.cli import app
-
     res = CliRunner().invoke(app, ["reproduce", "--help"])
     assert res.exit_code == 0 and "conceptlock reproduce paper-a paper-b --profile quick" in res.output
     res = CliRunner().invoke(app, ["reproduce", "paper-z", "--dry-run"])

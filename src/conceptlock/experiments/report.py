@@ -5,7 +5,7 @@ Why computed claims: a report that says "agrees" because someone typed it would 
 comes from a paired comparison of two evaluations on the same prompts and seeds (`commands.evaluate.compare_runs`:
 McNemar's exact test and a paired-bootstrap 95% CI for rates), and reads
 
-    agrees        the CI of the difference excludes 0 in the claimed direction
+    agrees        the CI of the difference excludes 0 in the claimed direction (and p < 0.05)
     disagrees     it excludes 0 in the opposite direction (or, for "no worse than" claims, shows a significant loss)
     inconclusive  the CI includes 0: more prompts, or a larger effect, are needed
 
@@ -234,8 +234,9 @@ class _Compare:
 
 
 def _sig(c: dict[str, Any] | None) -> int:
-    """+1 significantly up, -1 significantly down, 0 not significant (95% CI of B - A)."""
-    if not c:
+    """+1 significantly up, -1 significantly down, 0 not: the 95% CI of B - A excludes 0 *and* p < 0.05 (the
+    percentile bootstrap alone is optimistic at small n; McNemar's exact test is not)."""
+    if not c or c.get("p_value", 1.0) >= 0.05:
         return 0
     if c["ci_low"] > 0:
         return 1

@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -513,12 +514,15 @@ def plan_experiment(
         evals = [*curve_sets, *([task] if task else [])]
         positive = [s for s in a.schedule if s > 0]
         underlying = Recipe(target.model, target.adapters, {}, target.plain, target.all_adapters)
+        what = "LoRA" if a.is_lora else a.params
+        mode = a.mode or ("modular" if a.is_lora and target.adapters else "standard")
+        label = a.label or f"{labels.get(a.model, a.model)}: {a.kind} FT ({what}{', ' + mode if a.is_lora else ''})"
         entry: dict[str, Any] = {
-            "label": a.label or a.id,
+            "label": label,
             "target": a.model,
             "kind": a.kind,
             "params": a.params,
-            "mode": a.mode or ("modular" if a.is_lora and target.adapters else "standard"),
+            "mode": mode,
             "data": a.data,
             "schedule": list(a.schedule),
             "sets": [s["id"] for s in evals],
@@ -859,6 +863,8 @@ def run_attack_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     )
     if not res.complete:
         raise ConceptlockError(f"{stage.id}: curve incomplete")
+    # every point is saved and scored: the resume checkpoint (optimizer state: GBs on SD) is no longer needed
+    shutil.rmtree(stage.folder / "train" / "checkpoints", ignore_errors=True)
     return {"points": [p["step"] for p in res.points], "seed": sp["seed"]}
 
 
@@ -992,7 +998,7 @@ def run_plan(plan: Plan, log: Callable[[str], None] | None = None, progress: boo
     started = time.time()
     _experiment_record(plan, "running", started)
     bar = tqdm(total=len(plan.stages), desc=plan.experiment.name, unit="stage", disable=not progress)
-    say = log or (lambda m: tqdm.write(m) if progress else None)
+    say = log or (tqdm.write if progress else (lambda m: print(m, file=sys.stderr, flush=True)))
     ctx = Context(plan, say, progress)
     status: dict[str, str] = {}
     try:
