@@ -398,3 +398,7 @@ def test_a_changed_entry_reruns_only_what_depends_on_it(tmp_path, micro_world):
     assert status["eval/base"] == "ran" and status["eval/minus"] == "ran"
     seeds = json.loads((plan2.stage("eval/base").folder / "explicit" / "results.json").read_text())["config"]
     assert seeds["prompts"]["base_seed"] == 1
+    # a result deleted by hand is recomputed even though its stage.json says done
+    (plan2.stage("eval/minus").folder / "clean" / "results.json").unlink()
+    status = run_plan(plan2, progress=False)
+    assert status["eval/minus"] == "ran" and status["eval/base"] == "skipped"

@@ -140,8 +140,34 @@ class Stage:
             return None
 
     def is_done(self) -> bool:
+        """Finished with this very configuration, and its results are still on disk."""
         r = self.record()
-        return bool(r and r.get("status") == "done" and r.get("key") == self.key)
+        return bool(r and r.get("status") == "done" and r.get("key") == self.key) and self.outputs_exist()
+
+    def outputs_exist(self) -> bool:
+        f, sp = self.folder, self.spec
+        if self.kind == "world":
+            return (Path(sp["folder"]) / "world.json").is_file()
+        if self.kind == "data":
+            return (f / "metadata.jsonl").is_file()
+        if self.kind == "align":
+            params = sp.get("params") or ""
+            art = f / f"{params[5:]}.safetensors" if params.startswith("lora:") else f / "model" / "model_index.json"
+            return art.is_file()
+        if self.kind == "compose":
+            return (f / "model" / "model_index.json").is_file()
+        if self.kind == "eval":
+            return all((f / s["id"] / "results.json").is_file() for s in sp["sets"])
+        if self.kind == "attack":
+            c = f / "curve.json"
+            return c.is_file() and bool(json.loads(c.read_text()).get("complete"))
+        if self.kind == "attack-eval":
+            return all(
+                (f / f"step_{st:08d}" / s["id"] / "results.json").is_file() for st in sp["schedule"] for s in sp["sets"]
+            )
+        if self.kind == "prompt-attack":
+            return (f / "asr.json").is_file()
+        return True
 
 
 @dataclass
