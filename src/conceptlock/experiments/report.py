@@ -1124,6 +1124,73 @@ def _attack_rows(summary: dict[str, Any], cmp: _Compare) -> list[list[str]]:
     return out
 
 
+def _quality_set(summary: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """The fidelity headline's set and every metric scored on it (fidelity, CLIP score, FID, ...)."""
+    f = summary["headline"]["fidelity"]
+    if not f:
+        return None
+    for r in summary["rows"]:
+        if f[0] in r["sets"]:
+            return f[0], list(r["sets"][f[0]].get("order") or r["sets"][f[0]]["metrics"] or [])
+    return None
+
+
+def _quality_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    q = _quality_set(summary)
+    if not q:
+        return [], []
+    sid, specs = q
+    rows = []
+    for aid, c in summary["curves"].items():
+        if len(c["points"]) < 2:
+            continue
+        p0, p1 = c["points"][0], c["points"][-1]
+        rows.append(
+            [aid, str(p1["step"])]
+            + [f"{fmt_metric(_metric_of(p0['sets'].get(sid), m))} -> {fmt_metric(_metric_of(p1['sets'].get(sid), m))}"
+               for m in specs]
+        )  # fmt: skip
+    return ["attack", "steps", *(f"{sid}: {m} (0 -> end)" for m in specs)], rows
+
+
+def _forgetting_rows(summary: dict[str, Any], cmp: _Compare) -> tuple[list[str], list[list[str]]]:
+    q = _quality_set(summary)
+    if not q:
+        return [], []
+    sid, specs = q
+    curves, rows = summary["curves"], []
+    for c in curves.values():
+        if c["kind"] != "clean" or len(c["points"]) < 2:
+            continue
+        for d in curves.values():
+            if d["kind"] != "malicious" or d["target"] != c["target"] or d["params"] != c["params"]:
+                continue
+            step = _common_step(c, d)
+            pc = next(p for p in c["points"] if p["step"] == step)
+            pm = next(p for p in d["points"] if p["step"] == step)
+            for m in specs:
+                dc = cmp((pc["sets"].get(sid) or {}).get("dir"), (pm["sets"].get(sid) or {}).get("dir"), m)
+                rows.append(
+                    [
+                        c["target"],
+                        str(step),
+                        m,
+                        fmt_metric(_metric_of(c["points"][0]["sets"].get(sid), m)),
+                        fmt_metric(_metric_of(pc["sets"].get(sid), m)),
+                        fmt_metric(_metric_of(pm["sets"].get(sid), m)),
+                        _pp(dc) if dc and _is_rate(_metric_of(pm["sets"].get(sid), m) or {}) else _diff(dc),
+                    ]
+                )
+    head = ["model", "steps", "metric", "before", "after clean FT", "after malicious FT", "Δ (malicious - clean)"]
+    return head, rows
+
+
+def _diff(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "–"
+    return f"{c['diff']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}], p={c['p_value']:.3g}"
+
+
 def _stage_rows(plan: Any) -> list[list[str]]:
     rows = []
     for s in plan.stages:
@@ -1203,6 +1270,19 @@ def _section(doc: _Doc, plan: Any, summary: dict[str, Any], level: int = 1) -> N
             ],
             _attack_rows(summary, cmp),
         )
+        qh, qr = _quality_rows(summary)
+        if qr:
+            doc.head(level + 1, "Clean quality at the end of each attack")
+            doc.table(qh, qr)
+        fh, fr = _forgetting_rows(summary, cmp)
+        if fr:
+            doc.head(level + 1, "Catastrophic forgetting: clean versus malicious fine-tuning")
+            doc.para(
+                "Clean-prompt quality of the same model after the same number of steps of clean and of malicious "
+                "fine-tuning (Paper B's table); Δ is malicious minus clean, paired.",
+                "note",
+            )
+            doc.table(fh, fr)
         doc.head(level + 1, "Harmful rate against fine-tuning steps")
         for title, path, data in make_plots(summary, root):
             doc.image(title, data, _rel(path, root))
