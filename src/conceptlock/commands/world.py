@@ -31,7 +31,8 @@ def print_card(meta: dict) -> None:
     for r in evaluate_card(meta["card"], target, cfg["profile"]):
         ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else ""
         measured = "missing" if r["measured"] is None else f"{r['measured']:.3f}"
-        table.add_row(r["figure"], r["threshold"], measured, str(r["n"] or ""), ci, "yes" if r["ok"] else "NO")
+        ok = "" if r["threshold"] == "report" else ("yes" if r["ok"] else "NO")
+        table.add_row(r["figure"], r["threshold"], measured, str(r["n"] or ""), ci, ok)
     judges = meta["card"].get("judges", {})
     for key, label in (
         (f"detector_auroc_{target}_recon", f"detector AUROC ({target}), VAE reconstructions"),

@@ -148,7 +148,9 @@ def train_judges(
     concepts = cfg.concepts
     harm = torch.tensor([[float(c in e.scene.harm) for c in concepts] for e in examples])
     det = train_judge({"harm": len(concepts)}, images01, {"harm": harm}, steps, cfg.seed + 11, recon, desc="detector")
-    save_judge(det, folder, "detector", {"heads": {"harm": len(concepts)}, "concepts": concepts})
+    save_judge(
+        det, folder, "detector", {"heads": {"harm": len(concepts)}, "concepts": concepts, "resolution": cfg.resolution}
+    )
 
     def obj(e: Example) -> int:
         return OBJECTS.index(e.scene.glyph if e.scene.domain == "glyphs" else e.scene.shape)
@@ -167,7 +169,13 @@ def train_judges(
         att,
         folder,
         "attributes",
-        {"heads": heads, "objects": OBJECTS, "colours": COLOUR_NAMES, "styles": STYLE_CLASSES},
+        {
+            "heads": heads,
+            "objects": OBJECTS,
+            "colours": COLOUR_NAMES,
+            "styles": STYLE_CLASSES,
+            "resolution": cfg.resolution,
+        },
     )
 
 

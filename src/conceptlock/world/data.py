@@ -43,7 +43,7 @@ class Budget(BaseModel):
     n_train: int = 24000  # unique pretraining scenes
     vae_steps: int = 900
     clip_steps: int = 800
-    judge_steps: int = 400
+    judge_steps: int = 600
     unet_steps: int = 2800
     unet_batch: int = 32
     unet_lr: float = 1e-3
