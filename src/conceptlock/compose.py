@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ import torch
 from .adapters import compose, load_adapter, parse_adapter_spec
 from .adapters import fuse as fuse_adapters
 from .errors import ConceptlockError
+from .io import replace_dir
 from .pipelines import check_pipeline_folder, load_pipeline, save_pipeline
 
 __all__ = ["ADAPTERS_FILE", "AdapterRef", "ComposeResult", "load_model", "read_composition", "run_compose"]
@@ -145,16 +145,6 @@ def _copy_base(base: Path, dest: Path) -> None:
     shutil.copytree(base, dest, ignore=shutil.ignore_patterns(ADAPTERS_FILE, ADAPTERS_DIR, ".*"))
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def run_compose(
     base: str | Path,
     adapters: Sequence[str | AdapterRef],
@@ -203,7 +193,7 @@ def run_compose(
             "each entry; set_adapters(names, adapter_weights=weights). Evaluate unfused; fuse only to deploy.",
         }
         (staged / ADAPTERS_FILE).write_text(json.dumps(meta, indent=1))
-        _replace_dir(staged, out)
+        replace_dir(staged, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ComposeResult(

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from .io import atomic_write_text as _atomic_write_text
 from .pipelines import ConceptlockError
 from .prompts import PromptRow
 
@@ -195,12 +196,6 @@ def read_manifest(out_dir: str | Path) -> dict[str, dict[str, Any]]:
             if isinstance(e, dict) and "image" in e:
                 entries[e["image"]] = e
     return entries
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def merge_manifests(out_dir: str | Path, remove_parts: bool = True) -> Path:

@@ -8,7 +8,6 @@ so every code path the real SD 1.x runs through is exercised on a CPU in millise
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .errors import ConceptlockError
+from .io import replace_dir
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -161,13 +161,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, out: str | Path, overwrite: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ import typer
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..io import atomic_write_text as _atomic_write
 from ..pipelines import ConceptlockError
 from ..prompts import PromptRow, load_prompts
 
@@ -84,12 +85,6 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def make_contact_sheet(

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConceptlockError
+from ..io import atomic_write_text as _atomic_write
 from .config import Experiment, load_experiment
 
 __all__ = [
@@ -81,13 +82,6 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _hash(obj: Any) -> str:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..io import atomic_write_text as _atomic_write_text
 from ..methods.base import Context, Objective, move
 from ..pipelines import ConceptlockError
 from .data import BatchPlan
@@ -81,14 +82,6 @@ class TrainResult:
     finished: bool
     trainable: list[str] = field(default_factory=list)
     is_main_process: bool = True  # write final artefacts only when True
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:

@@ -33,6 +33,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..io import replace_dir
 from ..pipelines import (
     ConceptlockError,
     scheduler_for_inference,
@@ -442,13 +443,7 @@ def build_world(cfg: WorldConfig, out: str | Path | None = None, force: bool = F
         raise ConceptlockError(f"--out {out}: cannot write there ({e.strerror})") from None
     try:
         _build_into(tmp, cfg, log)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
