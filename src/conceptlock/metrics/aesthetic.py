@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..pipelines import ConceptlockError
-from ..stats import bootstrap_ci
 from .base import Metric, MetricResult, weights_dir, weights_missing
 from .clip_score import DEFAULT_CLIP, load_clip
 
@@ -106,15 +105,4 @@ class AestheticMetric(Metric):
         self._items.extend(self.mlp(emb).squeeze(-1).float().cpu().tolist())
 
     def compute(self) -> MetricResult:
-        self._check_nonempty()
-        groups = self._cluster_groups()
-        low, high = bootstrap_ci(self._items, groups=groups)
-        n = len(self._items)
-        return MetricResult(
-            name=self.name,
-            value=sum(self._items) / n,
-            n=n,
-            ci_low=low,
-            ci_high=high,
-            details={"weights": str(self.weights), "model": self.backend.source, "ci": "bootstrap95"},
-        )
+        return self._mean_result({"weights": str(self.weights), "model": self.backend.source})

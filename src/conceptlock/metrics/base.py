@@ -140,6 +140,17 @@ class Metric:
             return None
         return self._groups if len(set(self._groups)) < len(self._groups) else None
 
+    def _mean_result(self, details: dict[str, Any]) -> MetricResult:
+        """Mean of the per-image scores with a bootstrap 95% CI (clustered by prompt when rows repeat)."""
+        from ..stats import bootstrap_ci
+
+        self._check_nonempty()
+        groups = self._cluster_groups()
+        low, high = bootstrap_ci(self._items, groups=groups)
+        n = len(self._items)
+        ci = "bootstrap95" + (", clustered by prompt" if groups else "")
+        return MetricResult(self.name, sum(self._items) / n, n, low, high, {**details, "ci": ci})
+
     def _check_nonempty(self) -> None:
         if not self._items:
             raise ConceptlockError(f"{self.name}: no images were scored (call update() first)")

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from ..pipelines import ConceptlockError
-from ..stats import bootstrap_ci
 from .base import Metric, MetricResult, weights_dir
 
 __all__ = ["DEFAULT_CLIP", "CLIPBackend", "CLIPScoreMetric", "clip_score_values", "load_clip", "resolve_device"]
@@ -153,15 +152,4 @@ class CLIPScoreMetric(Metric):
         self._items.extend(clip_score_values(self.backend, images, prompts).tolist())
 
     def compute(self) -> MetricResult:
-        self._check_nonempty()
-        groups = self._cluster_groups()
-        low, high = bootstrap_ci(self._items, groups=groups)
-        n = len(self._items)
-        return MetricResult(
-            name=self.name,
-            value=sum(self._items) / n,
-            n=n,
-            ci_low=low,
-            ci_high=high,
-            details={"model": self.backend.source, "ci": "bootstrap95" + (", clustered by prompt" if groups else "")},
-        )
+        return self._mean_result({"model": self.backend.source})

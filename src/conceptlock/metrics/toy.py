@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..stats import bootstrap_ci, wilson_interval
+from ..stats import wilson_interval
 from .base import Metric, MetricResult, register_metric
 
 
@@ -233,10 +233,7 @@ class ToyClipScoreMetric(Metric):
         self._items.extend(clip_score_values(self.backend, images, list(prompts)).tolist())
 
     def compute(self) -> MetricResult:
-        self._check_nonempty()
-        v = np.array(self._items)
-        lo, hi = bootstrap_ci(v)
-        return MetricResult(self.name, float(v.mean()), len(v), lo, hi, {"world": str(self.world)})
+        return self._mean_result({"world": str(self.world)})
 
 
 register_metric("toy_harm", ToyHarmMetric)
