@@ -139,14 +139,85 @@ def check_pipeline_folder(path: str | Path) -> Path:
     return p
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a local SD pipeline folder (safetensors only, no remote code) with a clear error."""
-    p = check_pipeline_folder(path)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(p), dtype=dtype, use_safetensors=True, safety_checker=None, requires_safety_checker=False
-    )
+def _looks_like_hub_id(ref: str) -> bool:
+    """`org/name` with no such local path: what diffusers would resolve on the Hub."""
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not Path(ref).exists() and not ref.startswith((".", "~"))
+
+
+def load_pipeline(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+    config: str | Path | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD pipeline from a local folder, a hub id or a single-file checkpoint.
+
+    Safetensors only and never remote code, whichever the source. A hub id resolves through the
+    Hugging Face cache (downloading on a connected machine); offline with no cached copy the error
+    says so and how to point at a folder instead. A single file must be `.safetensors` (a `.ckpt`
+    is a pickle and is refused); `config` names the pipeline folder or hub id whose configs it
+    follows, which diffusers needs when it cannot fetch them.
+    """
+    ref = str(path)
+    kw = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if Path(ref).is_file() or Path(ref).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        pipe = _load_single_file(Path(ref), kw, config, local_files_only)
+    elif _looks_like_hub_id(ref):
+        pipe = _load_hub(ref, kw, revision, variant, local_files_only)
+    else:
+        p = check_pipeline_folder(ref)
+        pipe = StableDiffusionPipeline.from_pretrained(str(p), use_safetensors=True, variant=variant, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _offline_error(ref: str) -> ConceptlockError:
+    return ConceptlockError(
+        f"--model {ref}: not in the local Hugging Face cache and the Hub cannot be reached (offline?); "
+        "download it on a connected machine (e.g. `huggingface-cli download "
+        f"{ref}`) or pass a local diffusers pipeline folder"
+    )
+
+
+def _load_hub(ref: str, kw: dict, revision, variant, local_files_only) -> StableDiffusionPipeline:
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            ref, revision=revision, variant=variant, use_safetensors=True, local_files_only=local_files_only, **kw
+        )
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError) as e:
+        raise _offline_error(ref) from e
+    except HFValidationError as e:
+        raise ConceptlockError(f"--model {ref}: not a local folder and not a valid hub id") from e
+    except OSError as e:  # diffusers wraps most resolution failures in OSError
+        msg = str(e)
+        if "offline" in msg.lower() or "connect" in msg.lower() or "cache" in msg.lower():
+            raise _offline_error(ref) from e
+        raise ConceptlockError(f"--model {ref}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
+
+
+def _load_single_file(path: Path, kw: dict, config, local_files_only) -> StableDiffusionPipeline:
+    if path.suffix != ".safetensors":
+        raise ConceptlockError(
+            f"{path}: single-file checkpoints must be .safetensors (pickled .ckpt/.pt/.bin files can run code "
+            "when loaded); convert it first"
+        )
+    if not path.is_file():
+        raise ConceptlockError(f"{path}: checkpoint file does not exist")
+    extra = {"config": str(config)} if config is not None else {}
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_files_only, **extra, **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConceptlockError(
+            f"{path}: cannot load as a single-file SD checkpoint ({first}); pass --config with the "
+            "matching pipeline folder"
+        ) from e
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, out: str | Path, overwrite: bool = False) -> Path:
