@@ -151,7 +151,12 @@ def run_align(
     kwargs = {**d.objective_kwargs, **(objective_kwargs or {})}
     if method.startswith("lcfd"):
         kwargs["released_code"] = released_code
-        folder = Path(data) if data is not None else next((r.data for r in resolved if r.data is not None), None)
+        if data is not None:
+            from .finetune import resolve_data  # toy:NAME or a folder, one rule for every command
+
+            folder = resolve_data(data, world)
+        else:
+            folder = next((r.data for r in resolved if r.data is not None), None)
         if folder is None:
             raise ConceptlockError(
                 f"--method {method} needs --data: an image folder with metadata.jsonl (class 1 clean / 2 harmful)"
