@@ -93,14 +93,26 @@ def scheduler_for_training() -> DDPMScheduler:
     return DDPMScheduler(**SD_BETAS, clip_sample=False)
 
 
-def tiny_pipeline(seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
-    """A random tiny SD 1.x pipeline (or SD 2.x-style with prediction_type='v_prediction')."""
+def tiny_pipeline(
+    seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon", arch: str = "sd1"
+) -> StableDiffusionPipeline:
+    """A random tiny SD pipeline with the real architecture's distinguishing features.
+
+    `arch="sd1"`: SD 1.x (CLIP ViT-L text: quick_gelu; conv projections in the transformer blocks).
+    `arch="sd2"`: SD 2.x (OpenCLIP ViT-H text: gelu; linear projections in the transformer blocks), which
+    with `prediction_type="v_prediction"` is SD 2.x-768 (the default for sd2).
+    """
+    if arch not in ("sd1", "sd2"):
+        raise ConceptlockError(f"arch must be 'sd1' or 'sd2', got {arch!r}")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        **unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32)
-    )
+    ucfg = unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32)
+    tcfg = text_config(hidden=32, layers=2, heads=2)
+    if arch == "sd2":
+        ucfg["use_linear_projection"] = True
+        tcfg.hidden_act = "gelu"
+    unet = UNet2DConditionModel(**ucfg)
     vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=(16, 32)))
-    text = CLIPTextModel(text_config(hidden=32, layers=2, heads=2))
+    text = CLIPTextModel(tcfg)
     sched = scheduler_for_inference(prediction_type)
     from .world.tokenizer import clip_tokenizer
 
