@@ -111,7 +111,9 @@ def test_resolve_concept_in_and_out_of_a_toy_world(micro_world, tmp_path):
 def test_align_finds_the_world_of_a_model_folder(micro_world, tmp_path):
     with pytest.raises(ConceptlockError, match="not a harmful concept"):
         run_align("esd", micro_world / "pipeline", ["nudity"], tmp_path / "run", steps=1)
-    res = run_align("lcfd-lt", micro_world / "pipeline", ["gore"], tmp_path / "lcfd", steps=1, batch_size=2, grad_accum=1)
+    res = run_align(
+        "lcfd-lt", micro_world / "pipeline", ["gore"], tmp_path / "lcfd", steps=1, batch_size=2, grad_accum=1
+    )
     assert res.finished and res.config["data"] == str(micro_world / "data" / "lcfd-gore")
 
 

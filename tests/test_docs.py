@@ -12,7 +12,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -47,8 +46,16 @@ def rewrite(args: list[str], world: Path, runs: Path) -> list[str]:
 
 def test_guide_has_commands_for_every_section():
     cmds = {tuple(a[:2]) if a[0] in ("attack", "world") else (a[0],) for _, a in guide_commands()}
-    for needed in [("align",), ("finetune",), ("compose",), ("evaluate",), ("attack", "finetune"),
-                   ("attack", "prompt"), ("reproduce",), ("world", "build")]:
+    for needed in [
+        ("align",),
+        ("finetune",),
+        ("compose",),
+        ("evaluate",),
+        ("attack", "finetune"),
+        ("attack", "prompt"),
+        ("reproduce",),
+        ("world", "build"),
+    ]:
         assert needed in cmds, needed
 
 

@@ -26,8 +26,8 @@ def test_pickled_single_file_is_refused_before_reading(tmp_path, name):
 
 
 def test_single_file_that_is_not_an_sd_checkpoint_fails_in_one_line(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     f = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(2)}, str(f))
