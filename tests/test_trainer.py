@@ -279,3 +279,69 @@ def test_task_adapter_trains_on_w0_with_safety_adapter_inactive(tmp_path):
     assert any(a[n].abs().sum() > 0 for n in a if ".lora_B." in n)  # B starts at 0: the adapter did train
     params = dict(with_safety.unet.named_parameters())
     assert all(torch.equal(params[n], v) for n, v in safety_before.items())
+
+
+def _image_folder(root: Path, n: int = 4, res: int = 32) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_cached_latents_train_exactly_like_encoding_every_step(tmp_path):
+    from conceptlock.train.data import CachedLatents, ImageTextDataset
+
+    folder = _image_folder(tmp_path / "imgs")
+    out, datasets = [], []
+    for i, cache in enumerate((False, True)):
+        pipe = tiny_pipeline(0)
+        data = ImageTextDataset(folder, pipe.tokenizer, 32)
+        calls = []
+        orig = pipe.vae.encode
+        pipe.vae.encode = lambda *a, _o=orig, **k: (calls.append(1), _o(*a, **k))[1]
+        r = train(
+            pipe,
+            "lora:task",
+            get_objective("finetune"),
+            data,
+            TrainConfig(steps=3, batch_size=2, lr=1e-3, cache_latents=cache),
+            tmp_path / str(i),
+        )
+        out.append(_weights(pipe, r.trainable))
+        datasets.append(len(calls))
+    assert max((out[0][n] - out[1][n]).abs().max().item() for n in out[0]) <= 1e-6
+    # without the cache every step encodes its batch; with it, the images are encoded once up front
+    assert datasets[0] == 3 and datasets[1] == 1
+    cached = CachedLatents(ImageTextDataset(folder, tiny_pipeline(0).tokenizer, 32), tiny_pipeline(0).vae)
+    assert "pixel_values" not in cached[0] and cached[0]["latent_mean"].shape == (4, 16, 16)
+
+
+def test_8bit_adam_without_bitsandbytes_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    pipe = tiny_pipeline(0)
+    with pytest.raises(ConceptlockError, match="needs bitsandbytes"):
+        train(
+            pipe,
+            "lora:task",
+            get_objective("finetune"),
+            _data(pipe, 2),
+            TrainConfig(steps=1, batch_size=2, use_8bit_adam=True),
+            tmp_path,
+        )
+
+
+def test_unet_attention_runs_through_pytorch_sdpa():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = tiny_pipeline(0)
+    procs = pipe.unet.attn_processors
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs.values())

@@ -57,6 +57,13 @@ def register(app: typer.Typer) -> None:
         preserve: list[str] = typer.Option([], "--preserve", help="UCE: text whose keys/values stay; repeatable."),
         uce_lambda: float | None = typer.Option(None, "--uce-lambda", help="UCE regulariser lambda (default 0.5)."),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
+        gradient_checkpointing: bool = typer.Option(
+            False, "--gradient-checkpointing", help="Recompute UNet activations in backward (less memory)."
+        ),
+        cache_latents: bool = typer.Option(
+            False, "--cache-latents", help="VAE-encode the training images once instead of every step."
+        ),
+        use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="bitsandbytes AdamW8bit (optional)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
@@ -85,7 +92,13 @@ def register(app: typer.Typer) -> None:
             rank=rank,
             alpha=alpha,
             objective_kwargs=okw,
-            train_kwargs={"mixed_precision": mixed_precision, "checkpoint_every": checkpoint_every},
+            train_kwargs={
+                "mixed_precision": mixed_precision,
+                "checkpoint_every": checkpoint_every,
+                "gradient_checkpointing": gradient_checkpointing,
+                "cache_latents": cache_latents,
+                "use_8bit_adam": use_8bit_adam,
+            },
             resume=resume,
             overwrite=overwrite,
         )

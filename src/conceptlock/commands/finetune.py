@@ -59,6 +59,13 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for batches, noise and LoRA initialisation."),
         world: Path | None = typer.Option(None, "--world", help="Toy-world folder for toy:SET (default: the model's)."),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
+        gradient_checkpointing: bool = typer.Option(
+            False, "--gradient-checkpointing", help="Recompute UNet activations in backward (less memory)."
+        ),
+        cache_latents: bool = typer.Option(
+            False, "--cache-latents", help="VAE-encode the training images once instead of every step."
+        ),
+        use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="bitsandbytes AdamW8bit (optional)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
@@ -78,7 +85,13 @@ def register(app: typer.Typer) -> None:
             grad_accum=grad_accum,
             rank=rank,
             alpha=alpha,
-            train_kwargs={"mixed_precision": mixed_precision, "checkpoint_every": checkpoint_every},
+            train_kwargs={
+                "mixed_precision": mixed_precision,
+                "checkpoint_every": checkpoint_every,
+                "gradient_checkpointing": gradient_checkpointing,
+                "cache_latents": cache_latents,
+                "use_8bit_adam": use_8bit_adam,
+            },
             resume=resume,
             overwrite=overwrite,
         )

@@ -203,11 +203,16 @@ class Context:
         """`batch['latents']` as given, or VAE-encode `batch['pixel_values']` (in [-1, 1]) with per-sample noise."""
         if "latents" in batch:
             return batch["latents"].to(self.device, torch.float32)
-        if "pixel_values" not in batch:
-            raise ConceptlockError("batch has neither 'latents' nor 'pixel_values'")
         vae = self.pipe.vae
-        dist = vae.encode(batch["pixel_values"].to(self.device, self.dtype)).latent_dist
-        z = dist.mean + dist.std * rng.randn(tuple(dist.mean.shape[1:]), self.device, dist.mean.dtype)
+        if "latent_mean" in batch:  # train.data.CachedLatents: the posterior was computed once
+            mean = batch["latent_mean"].to(self.device, self.dtype)
+            std = batch["latent_std"].to(self.device, self.dtype)
+        elif "pixel_values" in batch:
+            dist = vae.encode(batch["pixel_values"].to(self.device, self.dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            raise ConceptlockError("batch has neither 'latents' nor 'pixel_values'")
+        z = mean + std * rng.randn(tuple(mean.shape[1:]), self.device, mean.dtype)
         return z.float() * vae.config.scaling_factor
 
     def timesteps(self, rng: SampleRNG) -> Tensor:

@@ -19,7 +19,7 @@ from .base import Context, Objective, SampleRNG, mse_per_sample, register, unet_
 @register("finetune")
 class Finetune(Objective):
     name = "finetune"
-    needs = ("input_ids", "latents|pixel_values")
+    needs = ("input_ids", "latents|pixel_values|latent_mean")
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> Tensor:
         rng = SampleRNG.for_batch(batch)

@@ -43,7 +43,7 @@ DEFAULT_LAMBDA_TOT = {"lt": 5e-5, "ng": 5e-3, "high": 5e-5}
 
 
 class LCFD(Objective):
-    needs = ("input_ids", "latents|pixel_values", "label")
+    needs = ("input_ids", "latents|pixel_values|latent_mean", "label")
 
     def __init__(
         self,

@@ -124,6 +124,38 @@ class ImageTextDataset(Dataset):
         }
 
 
+class CachedLatents(Dataset):
+    """A view of an image dataset whose images were VAE-encoded once (mean and std of each posterior).
+
+    Fine-tuning re-reads the same few hundred images for thousands of steps; encoding each once instead
+    of every step removes the VAE encoder from the step (diffusers' training scripts offer the same).
+    The posterior *sample* is still drawn per step from the sample's own RNG stream, so a cached run
+    is numerically the run without the cache (`Context.latents` draws the same noise either way).
+    Items keep every field but `pixel_values`, which becomes `latent_mean` and `latent_std`.
+    """
+
+    def __init__(self, data: Dataset, vae: Any, device: Any = "cpu", dtype: Any = None, batch: int = 32):
+        self.data = data
+        self.folder = getattr(data, "folder", None)
+        dtype = dtype or next(vae.parameters()).dtype
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, len(data), batch):
+                px = torch.stack([data[j]["pixel_values"] for j in range(i, min(i + batch, len(data)))])
+                dist = vae.encode(px.to(device, dtype)).latent_dist
+                means.append(dist.mean.cpu())
+                stds.append(dist.std.cpu())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {k: v for k, v in self.data[i].items() if k != "pixel_values"}
+        item["latent_mean"], item["latent_std"] = self.mean[i], self.std[i]
+        return item
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in items[0]:

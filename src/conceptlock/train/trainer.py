@@ -64,6 +64,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    cache_latents: bool = False  # VAE-encode an image dataset once (train.data.CachedLatents)
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (optional; GPU)
     ema_decay: float | None = None  # EMA of the trainable weights; applied to the model when training ends
     seed: int = 0
     checkpoint_every: int = 0  # 0: never
@@ -261,6 +263,21 @@ def train(
             AcceleratorState._reset_state()
 
 
+def _has_images(data: Dataset) -> bool:
+    return len(data) > 0 and "pixel_values" in data[0]
+
+
+def _optimizer(cfg: TrainConfig) -> Any:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked (an optional dependency, for GPU memory)."""
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConceptlockError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit
+
+
 def _train(
     acc: Any, pipe: Any, spec: ParamSpec, objective: Objective, data: Dataset, cfg: TrainConfig, out: Path
 ) -> TrainResult:
@@ -294,8 +311,13 @@ def _train(
         reduce_sum=(lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else (lambda x: x),
     )
     objective.prepare(pipe, ctx)
+    if cfg.cache_latents and _has_images(data):
+        from .data import CachedLatents
 
-    opt = torch.optim.AdamW(
+        data = CachedLatents(data, pipe.vae, device, dtype)
+        plan.dataset = data
+
+    opt = _optimizer(cfg)(
         [p for _, p in trainable], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
