@@ -305,7 +305,7 @@ def test_cached_latents_train_exactly_like_encoding_every_step(tmp_path):
         data = ImageTextDataset(folder, pipe.tokenizer, 32)
         calls = []
         orig = pipe.vae.encode
-        pipe.vae.encode = lambda *a, _o=orig, **k: (calls.append(1), _o(*a, **k))[1]
+        pipe.vae.encode = lambda *a, _o=orig, _c=calls, **k: (_c.append(1), _o(*a, **k))[1]
         r = train(
             pipe,
             "lora:task",
