@@ -345,3 +345,18 @@ def test_unet_attention_runs_through_pytorch_sdpa():
     pipe = tiny_pipeline(0)
     procs = pipe.unet.attn_processors
     assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs.values())
+
+
+def test_train_fingerprint_ignores_execution_flags_and_old_records_compare_equal():
+    from dataclasses import asdict
+
+    from conceptlock.train.trainer import normalise_train_dict, train_fingerprint
+
+    base = train_fingerprint(TrainConfig(steps=5, lr=1e-4))
+    assert train_fingerprint(TrainConfig(steps=5, lr=1e-4, cache_latents=True, checkpoint_every=2)) == base
+    assert train_fingerprint(TrainConfig(steps=5, lr=2e-4)) != base
+    assert train_fingerprint(TrainConfig(steps=6, lr=1e-4)) != base
+    # a record written by an older version held every field (JSON: tuples as lists) and lacked new ones
+    old = json.loads(json.dumps(asdict(TrainConfig(steps=5, lr=1e-4))))
+    del old["use_8bit_adam"]
+    assert normalise_train_dict(old) == json.loads(json.dumps(base))

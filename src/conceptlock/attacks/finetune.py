@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from ..finetune import (
 )
 from ..pipelines import load_pipeline
 from ..train.params import apply_params, parse_params
-from ..train.trainer import TrainConfig, _atomic_write_text, train
+from ..train.trainer import TrainConfig, _atomic_write_text, normalise_train_dict, train, train_fingerprint
 
 __all__ = [
     "DEFAULT_SCHEDULE",
@@ -263,7 +263,7 @@ def run_attack_curve(
         else None,
         "mode": resolved_mode,
         "schedule": points_wanted,
-        "train": {k: v for k, v in asdict(train_cfg).items() if k not in ("stop_after", "checkpoint_every", "resume")},
+        "train": train_fingerprint(train_cfg),
         "resolution": resolution,
         "evals": evals,
         "harm_metric": harm_metric,
@@ -285,7 +285,9 @@ def run_attack_curve(
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     elif curve_path.is_file():
         old = json.loads(curve_path.read_text())
-        if old.get("config_hash") != config_hash:
+        if isinstance(old.get("config", {}).get("train"), dict):  # recorded by an older version: same rule
+            old["config"]["train"] = normalise_train_dict(old["config"]["train"])
+        if old.get("config_hash") != config_hash and old.get("config") != json.loads(json.dumps(config, default=str)):
             changed = [
                 k
                 for k in config

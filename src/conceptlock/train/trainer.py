@@ -75,6 +75,29 @@ class TrainConfig:
     cpu: bool = False
 
 
+# Fields that change how a run executes but not what it computes (cache_latents is bit-identical by test).
+_EXECUTION_ONLY = ("stop_after", "checkpoint_every", "keep_checkpoints", "resume", "cache_latents", "cpu")
+
+
+def train_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of `cfg` that decide a run's result, defaults left out.
+
+    Leaving defaults out means a field added to TrainConfig later (with a default that keeps the old
+    behaviour) does not invalidate finished runs that resume logic compares against.
+    """
+    return normalise_train_dict(asdict(cfg))
+
+
+def normalise_train_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """`train_fingerprint` of a stored (JSON) train config, so runs recorded by older versions compare equal."""
+    default = asdict(TrainConfig(steps=1))
+
+    def same(a: Any, b: Any) -> bool:
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+    return {k: v for k, v in d.items() if k not in _EXECUTION_ONLY and (k == "steps" or not same(v, default.get(k)))}
+
+
 @dataclass
 class TrainResult:
     step: int  # last completed optimizer step
