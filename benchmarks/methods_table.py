@@ -20,6 +20,7 @@ import torch
 ROWS = [
     ("esd-u", "esd", "noxattn", 150, {}),
     ("esd-lora", "esd", "lora:safety", 150, {}),
+    ("esd-lora-2e-3", "esd", "lora:safety", 1200, {"lr": 2e-3}),  # the budget sweep's recipe (5.5%)
     ("sdd-x", "sdd", "xattn", 300, {"lr": 1e-4}),
     ("sdd-lora", "sdd", "lora:safety", 300, {}),
     ("lcfd-lt", "lcfd-lt", "full", 300, {"lr": 1e-4}),
