@@ -43,3 +43,20 @@ def quick_world(tmp_path_factory) -> Path:
     out = os.environ.get("CONCEPTLOCK_TEST_WORLD")
     folder = Path(out) if out else tmp_path_factory.mktemp("quick") / "world"
     return build_world(WorldConfig(profile="quick"), folder, log=lambda *a: None)
+
+
+def write_image_folder(root: Path, n: int = 4, res: int = 32, text: str = "a picture {i}") -> Path:
+    """A diffusers-style image folder of random RGB images with metadata.jsonl rows {file_name, text}."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text.format(i=i)}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root

@@ -9,21 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from conceptlock.pipelines import save_pipeline, tiny_pipeline
-
-
-def _data_folder(root, n=4, res=32):
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a striped cat {i}"}))
-    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return root
 
 
 @pytest.mark.parametrize(
@@ -43,7 +33,7 @@ def test_align_finetune_compose_evaluate(tmp_path, arch, prediction_type):
 
     task = run_finetune(
         base,
-        _data_folder(tmp_path / "data"),
+        write_image_folder(tmp_path / "data", text="a photo of a striped cat {i}"),
         tmp_path / "task",
         params="lora:task",
         adapters=[f"safety={safety.artifact}"],

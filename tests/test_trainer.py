@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_image_folder
 from safetensors.torch import load_file
 
 from conceptlock.methods.base import Objective, get_objective, tokenize
@@ -281,24 +282,10 @@ def test_task_adapter_trains_on_w0_with_safety_adapter_inactive(tmp_path):
     assert all(torch.equal(params[n], v) for n, v in safety_before.items())
 
 
-def _image_folder(root: Path, n: int = 4, res: int = 32) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    root.mkdir()
-    rng = np.random.default_rng(5)
-    rows = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture {i}"}))
-    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return root
-
-
 def test_cached_latents_train_exactly_like_encoding_every_step(tmp_path):
     from conceptlock.train.data import CachedLatents, ImageTextDataset
 
-    folder = _image_folder(tmp_path / "imgs")
+    folder = write_image_folder(tmp_path / "imgs")
     out, datasets = [], []
     for i, cache in enumerate((False, True)):
         pipe = tiny_pipeline(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ..align import METHODS, TRAINING_FREE, run_align
+from .finetune import trainer_flags
 
 EXAMPLE = (
     "conceptlock align --method esd --model runs/base --concept nudity --concept 'naked person' "
@@ -92,13 +93,9 @@ def register(app: typer.Typer) -> None:
             rank=rank,
             alpha=alpha,
             objective_kwargs=okw,
-            train_kwargs={
-                "mixed_precision": mixed_precision,
-                "checkpoint_every": checkpoint_every,
-                "gradient_checkpointing": gradient_checkpointing,
-                "cache_latents": cache_latents,
-                "use_8bit_adam": use_8bit_adam,
-            },
+            train_kwargs=trainer_flags(
+                mixed_precision, checkpoint_every, gradient_checkpointing, cache_latents, use_8bit_adam
+            ),
             resume=resume,
             overwrite=overwrite,
         )

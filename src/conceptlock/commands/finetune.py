@@ -26,6 +26,19 @@ def set_world(world: Path | None, model: Path | None) -> None:
         set_current_world(chosen)
 
 
+def trainer_flags(
+    mixed_precision: str, checkpoint_every: int, gradient_checkpointing: bool, cache_latents: bool, use_8bit_adam: bool
+) -> dict:
+    """The TrainConfig fields that `align` and `finetune` expose as the same flags."""
+    return {
+        "mixed_precision": mixed_precision,
+        "checkpoint_every": checkpoint_every,
+        "gradient_checkpointing": gradient_checkpointing,
+        "cache_latents": cache_latents,
+        "use_8bit_adam": use_8bit_adam,
+    }
+
+
 def register(app: typer.Typer) -> None:
     """Add the `finetune` command to the CLI."""
 
@@ -85,13 +98,9 @@ def register(app: typer.Typer) -> None:
             grad_accum=grad_accum,
             rank=rank,
             alpha=alpha,
-            train_kwargs={
-                "mixed_precision": mixed_precision,
-                "checkpoint_every": checkpoint_every,
-                "gradient_checkpointing": gradient_checkpointing,
-                "cache_latents": cache_latents,
-                "use_8bit_adam": use_8bit_adam,
-            },
+            train_kwargs=trainer_flags(
+                mixed_precision, checkpoint_every, gradient_checkpointing, cache_latents, use_8bit_adam
+            ),
             resume=resume,
             overwrite=overwrite,
         )
