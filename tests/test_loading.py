@@ -15,6 +15,7 @@ def test_hub_id_offline_without_cache_says_so(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg
     assert "conceptlock-tests/no-such-model" in msg and "cache" in msg and "local diffusers pipeline folder" in msg
+    assert "no such local folder" in msg  # a mistyped relative path reads as a hub id: say both
 
 
 @pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "model.bin"])

@@ -189,7 +189,8 @@ def load_pipeline(
 
 def _offline_error(ref: str) -> ConceptlockError:
     return ConceptlockError(
-        f"--model {ref}: not in the local Hugging Face cache and the Hub cannot be reached (offline?); "
+        f"--model {ref}: no such local folder, and as a hub id it is not in the local Hugging Face cache "
+        "and the Hub cannot be reached (offline?); "
         "download it on a connected machine (e.g. `huggingface-cli download "
         f"{ref}`) or pass a local diffusers pipeline folder"
     )
