@@ -168,3 +168,25 @@ def test_evaluate_cli_takes_sld_and_refuses_unknown_presets(tmp_path):
 
     manifest = [json.loads(x) for x in (tmp_path / "ok" / "manifest.jsonl").read_text().splitlines()]
     assert manifest[0]["options"]["sld"] == "MAX" and manifest[0]["options"]["sld_concept"] == "blood"
+
+
+def test_sld_on_a_toy_model_defaults_to_the_worlds_safety_concepts(micro_world, tmp_path):
+    """SD's default safety text names nothing the toy text encoder knows: a toy model's SLD guides away from
+    its world's harmful concepts unless --sld-concept says otherwise."""
+    import json
+
+    from conceptlock.commands.evaluate import run_evaluate
+    from conceptlock.world import safety_text
+    from conceptlock.world.concepts import HARMFUL
+
+    text = safety_text(micro_world)
+    assert text and HARMFUL["gore"].safety_text in text
+    kw = dict(
+        prompts=micro_world / "prompts" / "clean.csv",
+        metrics=[f"toy_harm:world={micro_world}"],
+        model=micro_world / "pipeline",
+    )
+    run_evaluate(tmp_path / "a", steps=2, limit=1, progress=False, options={"sld": "MAX"}, **kw)
+    run_evaluate(tmp_path / "b", steps=2, limit=1, progress=False, options={"sld": "MAX", "sld_concept": "x"}, **kw)
+    opts = [json.loads((tmp_path / d / "manifest.jsonl").read_text().splitlines()[0])["options"] for d in "ab"]
+    assert opts[0]["sld_concept"] == text and opts[1]["sld_concept"] == "x"

@@ -596,13 +596,9 @@ def write_asr(result: AttackResult, out_dir: str | Path, info: dict[str, Any]) -
 
 
 def _world_for(model: str | Path, prompts: str) -> Path | None:
-    """The toy world in play: the model folder's, else the current one when the prompts are ``toy:``."""
-    from ..world import current_world, world_of_model
+    from ..world import world_for
 
-    world = world_of_model(model)
-    if world is None and str(prompts).startswith("toy:"):
-        world = current_world()
-    return world
+    return world_for(model, prompts)
 
 
 def run_prompt_attack(
@@ -639,11 +635,9 @@ def run_prompt_attack(
     if metric is None:
         metric = f"toy_harm:world={world}" if world is not None else "nudenet"
     if cfg.sld is not None and cfg.sld_concept is None and world is not None:
-        from ..world.build import read_world
-        from ..world.concepts import HARMFUL
+        from ..world import safety_text
 
-        texts = [HARMFUL[c].safety_text for c in read_world(world)["config"]["concepts"] if c in HARMFUL]
-        cfg = AttackConfig(**{**asdict(cfg), "sld_concept": ", ".join(t for t in texts if t) or None})
+        cfg = AttackConfig(**{**asdict(cfg), "sld_concept": safety_text(world)})
     use_base = isinstance(targets, str) and targets == "base"
     if use_base and base_model is None:
         if world is None:
@@ -654,6 +648,10 @@ def run_prompt_attack(
     prompt_set = load_prompts(prompts, base_seed=base_seed, limit=limit)
     judge = metric_judge(metric)  # before loading models: a missing judge fails in a second
     pipe = load_pipeline(model)
+    from ..conditioning import is_sdxl
+
+    if is_sdxl(pipe):  # the attack optimises one text encoder's token embeddings; SDXL has two
+        raise ConceptlockError(f"--model {model}: the prompt attack supports SD 1.x/2.x pipelines, not SDXL")
     if adapters:
         from ..adapters import apply_adapters
 

@@ -215,6 +215,12 @@ def run_evaluate(
         state = partial_state()
         is_main = state.is_main_process
 
+    if options and options.get("sld") and not options.get("sld_concept"):
+        from ..world import safety_text, world_for
+
+        world = world_for(model, prompts) if (model is not None or prompts is not None) else None
+        if world is not None:  # a toy model: guide away from the world's concepts, not SD's default list
+            options = {**options, "sld_concept": safety_text(world)}
     built = [get_metric(s) for s in specs] if is_main else []  # fail fast on missing weights
     out.mkdir(parents=True, exist_ok=True)
 

@@ -48,6 +48,24 @@ def world_of_model(model: str | Path) -> Path | None:
     return None
 
 
+def world_for(model: str | Path | None, prompts: str | Path | None) -> Path | None:
+    """The toy world in play: the model folder's, else the current one when the prompts are ``toy:``."""
+    world = world_of_model(model) if model is not None else None
+    if world is None and str(prompts or "").startswith("toy:"):
+        world = current_world()
+    return world
+
+
+def safety_text(world: str | Path) -> str | None:
+    """The SLD safety concept for a world: its harmful concepts' safety texts. SLD's default text (SD's list
+    of I2P categories) names almost nothing the toy text encoder was trained on, so it guides nowhere."""
+    from .build import read_world
+    from .concepts import HARMFUL
+
+    texts = [HARMFUL[c].safety_text for c in read_world(world)["config"]["concepts"] if c in HARMFUL]
+    return ", ".join(t for t in texts if t) or None
+
+
 def _toy_source(name: str):
     from ..prompts import load_prompts
 
