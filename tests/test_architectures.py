@@ -64,3 +64,74 @@ def test_align_finetune_compose_evaluate(tmp_path, arch, prediction_type):
     g = torch.Generator().manual_seed(3)
     theirs = pipe("nude person", num_inference_steps=2, guidance_scale=7.5, generator=g, output_type="np").images[0]
     assert np.abs(ours.astype(float) - np.rint(theirs * 255)).max() <= 2
+
+
+def test_sdxl_align_finetune_compose_evaluate(tmp_path):
+    """SDXL end to end: both text encoders, pooled embedding and time ids reach the UNet in training (ESD safety
+    LoRA, Modular LoRA task training) and the served composition equals vanilla diffusers' SDXL pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conceptlock.align import run_align
+    from conceptlock.commands.evaluate import run_evaluate
+    from conceptlock.compose import run_compose
+    from conceptlock.finetune import run_finetune
+    from conceptlock.pipelines import load_pipeline
+
+    base = save_pipeline(tiny_pipeline(seed=1, arch="sdxl"), tmp_path / "base")
+    assert isinstance(load_pipeline(base), StableDiffusionXLPipeline)
+    safety = run_align("esd", base, ["nudity"], tmp_path / "esd", params="lora:safety", steps=2, seed=0)
+    log = [json.loads(x) for x in (tmp_path / "esd" / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    assert log and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    task = run_finetune(
+        base,
+        write_image_folder(tmp_path / "data", text="a photo of a striped cat {i}"),
+        tmp_path / "task",
+        params="lora:task",
+        adapters=[f"safety={safety.artifact}"],
+        steps=2,
+        batch_size=2,
+    )
+    composed = run_compose(base, [f"safety={safety.artifact}:1.0", f"task={task.artifact}:1.0"], tmp_path / "served")
+    out = composed.out if hasattr(composed, "out") else tmp_path / "served"
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(safety.artifact), adapter_name="safety")
+    pipe.load_lora_weights(str(task.artifact), adapter_name="task")
+    pipe.set_adapters(["safety", "task"], [1.0, 1.0])
+    # both adapters really changed the UNet (a LoRA trained on nothing would leave B = 0)
+    lora_b = [p for n, p in pipe.unet.named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.isfinite(p).all() for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
+
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed,evaluation_guidance,categories\nnude person,3,5.0,sexual\n")
+    res = run_evaluate(tmp_path / "eval", prompts=prompts, metrics=["nudenet"], model=out, steps=2, progress=False)
+    assert res["metrics"]["nudenet"]["n"] == 1
+    ours = np.asarray(Image.open(tmp_path / "eval" / "images" / "00000_00.png").convert("RGB"))
+    g = torch.Generator().manual_seed(3)
+    theirs = pipe("nude person", num_inference_steps=2, guidance_scale=5.0, generator=g, output_type="np").images[0]
+    assert np.abs(ours.astype(float) - np.rint(theirs * 255)).max() <= 2
+
+
+def test_sdxl_conditioning_matches_diffusers():
+    """The packed conditioning carries exactly what SDXL's pipeline computes, and the UNet call on it equals
+    diffusers' own call with added_cond_kwargs."""
+    from conceptlock.conditioning import encode_texts, time_ids, unet_forward
+
+    pipe = tiny_pipeline(seed=2, arch="sdxl")
+    emb = encode_texts(pipe, ["a red cat", ""])
+    pe, npe, pooled, npooled = pipe.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=True)
+    torch.testing.assert_close(emb[0, :-1], pe[0])
+    torch.testing.assert_close(emb[0, -1, : pooled.shape[1]], pooled[0])
+    torch.testing.assert_close(emb[1, :-1], npe[0])  # SDXL base: the empty prompt is zeros
+    torch.testing.assert_close(emb[1, -1, : npooled.shape[1]], npooled[0])
+    tids = time_ids(pipe)
+    assert tids.tolist() == [32, 32, 0, 0, 32, 32]
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    ours = unet_forward(pipe.unet, x, t, emb[:1])
+    theirs = pipe.unet(
+        x, t, encoder_hidden_states=pe, added_cond_kwargs={"text_embeds": pooled, "time_ids": tids[None]}
+    ).sample
+    torch.testing.assert_close(ours, theirs)
+    # and the pooled embedding matters: zeroing it changes the prediction
+    assert not torch.allclose(unet_forward(pipe.unet, x, t, torch.cat([emb[:1, :-1], emb[1:, -1:]], 1)), ours)

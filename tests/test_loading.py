@@ -54,3 +54,24 @@ def test_relative_path_that_does_not_exist_is_a_folder_error_not_a_hub_lookup(tm
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConceptlockError, match="does not exist"):
         load_pipeline("./nothing/here")
+
+
+def test_pipeline_class_is_read_from_the_source(tmp_path):
+    """An SDXL folder loads as StableDiffusionXLPipeline, an SD one as StableDiffusionPipeline; a single file is
+    SDXL when it holds SDXL's second text embedder (original checkpoint key layout)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from conceptlock.pipelines import _single_file_class, pipeline_class
+
+    xl = save_pipeline(tiny_pipeline(seed=0, arch="sdxl"), tmp_path / "xl")
+    sd = save_pipeline(tiny_pipeline(seed=0), tmp_path / "sd")
+    assert pipeline_class(xl) is StableDiffusionXLPipeline and pipeline_class(sd) is StableDiffusionPipeline
+    assert isinstance(load_pipeline(xl), StableDiffusionXLPipeline)
+    t = torch.zeros(1)
+    save_file({"conditioner.embedders.1.model.ln_final.weight": t}, str(tmp_path / "xl.safetensors"))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": t}, str(tmp_path / "sd.safetensors"))
+    assert _single_file_class(tmp_path / "xl.safetensors", None) is StableDiffusionXLPipeline
+    assert _single_file_class(tmp_path / "sd.safetensors", None) is StableDiffusionPipeline
+    assert _single_file_class(tmp_path / "sd.safetensors", xl) is StableDiffusionXLPipeline  # --config decides

@@ -98,7 +98,9 @@ def _metadata(mod: nn.Module, name: str) -> dict | None:
 
 def save_adapter(obj: Any, name: str, path: str | Path) -> Path:
     """Write adapter `name` to a .safetensors file (a folder gets `<name>.safetensors`), atomically."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from .conditioning import is_sdxl
 
     _check_name(obj, name)
     path = Path(path)
@@ -110,7 +112,8 @@ def save_adapter(obj: Any, name: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        StableDiffusionPipeline.save_lora_weights(
+        writer = StableDiffusionXLPipeline if is_sdxl(obj) else StableDiffusionPipeline  # same unet.* keys
+        writer.save_lora_weights(
             str(tmp),
             unet_lora_layers=unet_sd or None,
             text_encoder_lora_layers=te_sd or None,

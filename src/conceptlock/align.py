@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .adapters import save_adapter
+from .conditioning import tokenizers
 from .methods.base import get_objective, move
 from .pipelines import ConceptlockError, load_pipeline, save_pipeline
 from .train.data import ImageTextDataset, PromptDataset
@@ -162,11 +163,11 @@ def run_align(
                 f"--method {method} needs --data: an image folder with metadata.jsonl (class 1 clean / 2 harmful)"
             )
         res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        dataset = ImageTextDataset(folder, pipe.tokenizer, res)
+        dataset = ImageTextDataset(folder, tokenizers(pipe), res)
     else:
         if released_code:
             raise ConceptlockError("--released-code only applies to the lcfd methods")
-        dataset = PromptDataset(prompts, pipe.tokenizer)
+        dataset = PromptDataset(prompts, tokenizers(pipe))
     objective = get_objective(d.objective, **kwargs)
 
     cfg = TrainConfig(
@@ -211,8 +212,9 @@ def run_align(
         if spec.is_lora:
             save_adapter(pipe, spec.adapter, artifact)
         else:
-            for name in ("vae", "text_encoder", "unet"):
-                move(getattr(pipe, name), torch.device("cpu"), torch.float32)
+            for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+                if getattr(pipe, name, None) is not None:
+                    move(getattr(pipe, name), torch.device("cpu"), torch.float32)
             save_pipeline(pipe, artifact, overwrite=True)
     _atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
     return AlignResult(artifact=artifact, out=out, config=config, finished=result.finished)

@@ -54,6 +54,7 @@ from torch import Tensor
 from . import __version__
 from .adapters import adapter_names, compose, fuse, save_adapter
 from .compose import AdapterRef, apply_refs, read_composition, resolve_adapters
+from .conditioning import tokenizers
 from .errors import ConceptlockError
 from .methods.base import Context, Objective, get_objective, move
 from .pipelines import check_pipeline_folder, load_pipeline, save_pipeline
@@ -218,7 +219,7 @@ def prepare_finetune(
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
     apply_refs(pipe, refs)
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    dataset = ImageTextDataset(folder, pipe.tokenizer, res)
+    dataset = ImageTextDataset(folder, tokenizers(pipe), res)
     objective: Objective = get_objective("finetune")
     weights = {r.name: r.weight for r in refs}
     if refs and not spec.is_lora:
@@ -245,8 +246,9 @@ def save_artifact(setup: FinetuneSetup, path: str | Path) -> Path:
     """The new adapter as a vanilla-diffusers LoRA file, or the whole pipeline folder (CPU, float32)."""
     if setup.spec.is_lora:
         return save_adapter(setup.pipe, setup.spec.adapter, path)
-    for name in ("vae", "text_encoder", "unet"):
-        move(getattr(setup.pipe, name), torch.device("cpu"), torch.float32)
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        if getattr(setup.pipe, name, None) is not None:
+            move(getattr(setup.pipe, name), torch.device("cpu"), torch.float32)
     return save_pipeline(setup.pipe, path, overwrite=True)
 
 

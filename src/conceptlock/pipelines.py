@@ -18,9 +18,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from safetensors import SafetensorError
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .errors import ConceptlockError
 from .io import replace_dir
@@ -101,9 +103,12 @@ def tiny_pipeline(
     `arch="sd1"`: SD 1.x (CLIP ViT-L text: quick_gelu; conv projections in the transformer blocks).
     `arch="sd2"`: SD 2.x (OpenCLIP ViT-H text: gelu; linear projections in the transformer blocks), which
     with `prediction_type="v_prediction"` is SD 2.x-768 (the default for sd2).
+    `arch="sdxl"`: SDXL, see `tiny_sdxl_pipeline`.
     """
+    if arch == "sdxl":
+        return tiny_sdxl_pipeline(seed, resolution, prediction_type)
     if arch not in ("sd1", "sd2"):
-        raise ConceptlockError(f"arch must be 'sd1' or 'sd2', got {arch!r}")
+        raise ConceptlockError(f"arch must be 'sd1', 'sd2' or 'sdxl', got {arch!r}")
     torch.manual_seed(seed)
     ucfg = unet_config(sample_size=resolution // 2, channels=(16, 32), heads=2, cross_attention_dim=32)
     tcfg = text_config(hidden=32, layers=2, heads=2)
@@ -128,6 +133,71 @@ def tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0, resolution: int = 32, prediction_type: str = "epsilon"
+) -> StableDiffusionXLPipeline:
+    """A random tiny SDXL pipeline, shaped as diffusers' SDXL tests shape theirs: two text encoders (the second
+    with a pooled projection; SDXL pads it with '!'), their penultimate states concatenated for cross-attention,
+    the pooled embedding and six time ids added to the timestep embedding (`addition_embed_type="text_time"`),
+    no attention at the highest resolution, linear projections and two transformer layers deeper down."""
+    from .world.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    hidden, pooled, time_dim = 32, 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=2 * hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=(16, 32)))
+    tcfg = text_config(hidden=hidden, layers=2, heads=2)
+    tcfg.hidden_act = "gelu"
+    tcfg.projection_dim = pooled
+    text, text_2 = CLIPTextModel(tcfg), CLIPTextModelWithProjection(tcfg)
+    tok_2 = clip_tokenizer()
+    tok_2.pad_token = "!"
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text,
+        text_encoder_2=text_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=tok_2,
+        unet=unet,
+        scheduler=scheduler_for_inference(prediction_type),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_class(ref: str | Path) -> type:
+    """StableDiffusionXLPipeline or StableDiffusionPipeline, from a folder's model_index.json (SD if unknown)."""
+    index = Path(ref) / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    except json.JSONDecodeError:
+        name = ""
+    return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
+
+
+def _load_kwargs(cls: type, dtype: torch.dtype) -> dict:
+    if cls is StableDiffusionXLPipeline:  # SDXL has no safety checker component
+        return dict(dtype=dtype)
+    return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
 
 
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -175,14 +245,14 @@ def load_pipeline(
     follows, which diffusers needs when it cannot fetch them.
     """
     ref = str(path)
-    kw = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if Path(ref).is_file() or Path(ref).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-        pipe = _load_single_file(Path(ref), kw, config, local_files_only)
+        pipe = _load_single_file(Path(ref), dtype, config, local_files_only)
     elif _looks_like_hub_id(ref):
-        pipe = _load_hub(ref, kw, revision, variant, local_files_only)
+        pipe = _load_hub(ref, dtype, revision, variant, local_files_only)
     else:
         p = check_pipeline_folder(ref)
-        pipe = StableDiffusionPipeline.from_pretrained(str(p), use_safetensors=True, variant=variant, **kw)
+        cls = pipeline_class(p)
+        pipe = cls.from_pretrained(str(p), use_safetensors=True, variant=variant, **_load_kwargs(cls, dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -196,11 +266,24 @@ def _offline_error(ref: str) -> ConceptlockError:
     )
 
 
-def _load_hub(ref: str, kw: dict, revision, variant, local_files_only) -> StableDiffusionPipeline:
+def _hub_class(ref: str, revision, local_files_only) -> type:
+    """The pipeline class a hub id's model_index.json names (from the cache when offline); SD if unreadable."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = hf_hub_download(ref, "model_index.json", revision=revision, local_files_only=bool(local_files_only))
+        return pipeline_class(Path(index).parent)
+    except Exception:  # any failure here resurfaces, explained, from from_pretrained below
+        return StableDiffusionPipeline
+
+
+def _load_hub(ref: str, dtype: torch.dtype, revision, variant, local_files_only) -> StableDiffusionPipeline:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    cls = _hub_class(ref, revision, local_files_only)
+    kw = _load_kwargs(cls, dtype)
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return cls.from_pretrained(
             ref, revision=revision, variant=variant, use_safetensors=True, local_files_only=local_files_only, **kw
         )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError) as e:
@@ -214,7 +297,19 @@ def _load_hub(ref: str, kw: dict, revision, variant, local_files_only) -> Stable
         raise ConceptlockError(f"--model {ref}: {msg.splitlines()[0] if msg else type(e).__name__}") from e
 
 
-def _load_single_file(path: Path, kw: dict, config, local_files_only) -> StableDiffusionPipeline:
+def _single_file_class(path: Path, config) -> type:
+    """SDXL when the checkpoint holds a second text embedder (its original key layout) or --config says so."""
+    if config is not None and pipeline_class(config) is StableDiffusionXLPipeline:
+        return StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
+            return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, config, local_files_only) -> StableDiffusionPipeline:
     if path.suffix != ".safetensors":
         raise ConceptlockError(
             f"{path}: single-file checkpoints must be .safetensors (pickled .ckpt/.pt/.bin files can run code "
@@ -224,8 +319,9 @@ def _load_single_file(path: Path, kw: dict, config, local_files_only) -> StableD
         raise ConceptlockError(f"{path}: checkpoint file does not exist")
     extra = {"config": str(config)} if config is not None else {}
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), local_files_only=local_files_only, **extra, **kw)
-    except (OSError, ValueError) as e:
+        cls = _single_file_class(path, config)
+        return cls.from_single_file(str(path), local_files_only=local_files_only, **extra, **_load_kwargs(cls, dtype))
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConceptlockError(
             f"{path}: cannot load as a single-file SD checkpoint ({first}); pass --config with the "

@@ -192,8 +192,11 @@ def sld_generate(
     cfg, text = resolve_sld({"sld": sld, "sld_concept": sld_concept, **overrides})
     if guidance_scale <= 1.0:
         raise ConceptlockError(f"SLD needs classifier-free guidance (guidance > 1), got {guidance_scale}")
+    from .conditioning import is_sdxl
     from .methods.base import Prediction
 
+    if is_sdxl(pipe):
+        raise ConceptlockError("SLD is implemented for SD 1.x/2.x pipelines only (not SDXL), as in diffusers")
     device = pipe._execution_device
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..conditioning import encode, encode_texts, tokenizers, unet_forward
+from ..conditioning import tokenize as tokenize  # re-exported: data sets and callers tokenize through here
 from ..pipelines import ConceptlockError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -148,13 +150,6 @@ class SampleRNG:
 # --------------------------------------------------------------------------------------------------------------
 # Context
 # --------------------------------------------------------------------------------------------------------------
-def tokenize(tokenizer: Any, texts: list[str]) -> Tensor:
-    """CLIP token ids padded to the tokenizer's max length, as SD's pipelines do."""
-    return tokenizer(
-        list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
 @dataclass
 class Context:
     """What the trainer gives an objective. `unet` is the trained model exactly as the trainer calls it (DDP-
@@ -191,12 +186,15 @@ class Context:
 
     @torch.no_grad()
     def encode_text(self, input_ids: Tensor) -> Tensor:
-        """Frozen text encoder, last_hidden_state (SD 1.x conditioning)."""
-        out = self.pipe.text_encoder(input_ids.to(self.device), return_dict=False)[0]
-        return out.to(self.dtype)
+        """Frozen text conditioning: last_hidden_state for SD 1.x/2.x, packed for SDXL (see `conditioning`)."""
+        return encode(self.pipe, input_ids, self.device, self.dtype)
 
     def text_ids(self, texts: list[str]) -> Tensor:
-        return tokenize(self.pipe.tokenizer, texts)
+        return tokenize(tokenizers(self.pipe), texts)
+
+    def encode_prompts(self, texts: list[str]) -> Tensor:
+        """Encode prompts the way the model's pipeline does (SDXL base: the empty prompt is zeros)."""
+        return encode_texts(self.pipe, texts, self.device, self.dtype)
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], rng: SampleRNG) -> Tensor:
@@ -228,8 +226,8 @@ def move(module: nn.Module, device: torch.device, dtype: torch.dtype | None = No
 
 
 def unet_out(model: nn.Module, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-    """Call a (possibly wrapped) UNet; return the raw prediction in float32."""
-    return model(x, t, encoder_hidden_states=emb, return_dict=False)[0].float()
+    """Call a (possibly wrapped) UNet on plain or packed SDXL conditioning; the raw prediction in float32."""
+    return unet_forward(model, x, t, emb).float()
 
 
 def mse_per_sample(a: Tensor, b: Tensor) -> Tensor:

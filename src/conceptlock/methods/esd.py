@@ -60,7 +60,7 @@ class ESD(Objective):
 
     def prepare(self, pipe: Any, ctx: Context) -> None:
         self._teacher = FrozenTeacher(ctx)
-        self._uncond = ctx.encode_text(ctx.text_ids([""]))
+        self._uncond = ctx.encode_prompts([""])
         self._timesteps = ddim_timesteps(pipe.scheduler.config, self.ddim_steps)
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:

@@ -39,7 +39,7 @@ class SDD(Objective):
         self._teacher = copy.deepcopy(ctx.base_unet).requires_grad_(False).eval()
         self._tparams = dict(self._teacher.named_parameters())
         self._names = [n for n, _ in ctx.trainable]
-        self._uncond = ctx.encode_text(ctx.text_ids([""]))
+        self._uncond = ctx.encode_prompts([""])
         self._timesteps = ddim_timesteps(pipe.scheduler.config, self.ddim_steps)
 
     def loss(self, batch: dict[str, Any], ctx: Context) -> Tensor:

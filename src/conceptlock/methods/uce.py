@@ -109,7 +109,11 @@ def _norm(text: str) -> str:
 
 @torch.no_grad()
 def _encode(pipe: Any, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """(last hidden states B x L x d, index of the last word token per text) as SD conditions on them."""
+    """(per-token conditioning B x L x d, index of the last word token per text) as the UNet's cross-attention
+    reads it: SD's last hidden state, SDXL's concatenated penultimate states (its pooled row is not read by
+    cross-attention, so UCE leaves it alone)."""
+    from ..conditioning import encode_texts, hidden_states
+
     tok = pipe.tokenizer(
         list(texts),
         padding="max_length",
@@ -117,8 +121,7 @@ def _encode(pipe: Any, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         truncation=True,
         return_tensors="pt",
     )
-    device = next(pipe.text_encoder.parameters()).device
-    emb = pipe.text_encoder(tok.input_ids.to(device), return_dict=False)[0].float()
+    emb = hidden_states(pipe.unet, encode_texts(pipe, texts)).float()
     last = tok.attention_mask.sum(1) - 2  # BOS w1 .. wn EOS: index of wn (0 = BOS for the empty prompt)
     return emb, last.clamp(min=0)
 

@@ -313,8 +313,9 @@ def _train(
 
     unet = pipe.unet
     trainable = apply_params(unet, spec)
-    for name in ("vae", "text_encoder"):
-        move(getattr(pipe, name).requires_grad_(False).eval(), device, dtype)
+    for name in ("vae", "text_encoder", "text_encoder_2"):  # text_encoder_2: SDXL
+        if getattr(pipe, name, None) is not None:
+            move(getattr(pipe, name).requires_grad_(False).eval(), device, dtype)
     if spec.is_lora and dtype != torch.float32:  # frozen base in low precision, adapter weights stay fp32
         move(unet, device, dtype)
         for _, p in trainable:
