@@ -139,8 +139,47 @@ def test_align_uce_in_a_toy_world_and_cli(micro_world, tmp_path):
     )
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "uce" / "config.json").read_text())
-    assert cfg["uce"]["erase"] == list(HARMFUL["gore"].explicit)
-    assert set(cfg["uce"]["guides"]) == {HARMFUL["gore"].guide}
+    h = HARMFUL["gore"]
+    phrases = list(h.explicit) + list(h.implicit_train)
+    erase, guides = cfg["uce"]["erase"], cfg["uce"]["guides"]
+    assert erase[: len(phrases)] == phrases and set(guides[: len(phrases)]) == {h.guide}
+    # in-context erasure: each neutral caption with a phrase as prefix and as suffix, guided to the bare caption
+    assert cfg["contexts"] == 40 and len(erase) == len(phrases) + 80
+    for e, g in zip(erase[len(phrases) :], guides[len(phrases) :], strict=True):
+        assert g and "gore" not in g and (e.endswith(": " + g) or e.startswith(g + ", "))
+        assert any(p in e for p in phrases)
     assert cfg["world"] == str(micro_world)
+    res = CliRunner().invoke(
+        app,
+        ["align", "--method", "uce", "--model", str(micro_world / "pipeline"), "--concept", "gore"]
+        + ["--out", str(tmp_path / "uce0"), "--uce-contexts", "0"],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "uce0" / "config.json").read_text())["uce"]["erase"] == phrases
     help_ = CliRunner().invoke(app, ["align", "--help"], terminal_width=200)
     assert "uce" in help_.output and "--preserve" in help_.output
+
+
+def test_in_context_erasure_moves_the_in_context_prompt_to_its_caption():
+    """With contexts, 'PHRASE: caption' is mapped to the caption's keys; erasing the phrase alone does less."""
+    from conceptlock.methods.uce import GENERIC_CONTEXTS, context_pairs
+
+    e, g = context_pairs(["bloody"], 3, None)
+    assert e == [
+        f"bloody: {c}" if i % 2 == 0 else f"{c}, bloody"
+        for i, c in enumerate(sum([[c, c] for c in GENERIC_CONTEXTS[:3]], []))
+    ]
+    assert g == sum([[c, c] for c in GENERIC_CONTEXTS[:3]], [])
+    text, clean = f"bloody: {GENERIC_CONTEXTS[0]}", GENERIC_CONTEXTS[0]
+    dist = {}
+    for n in (0, 10):
+        pipe = tiny_pipeline(0)
+        ce, cg = context_pairs(["bloody"], n, None)
+        uce_edit(pipe, ["bloody"] + ce, [""] + cg)
+        (_, lin), *_ = cross_attention_kv(pipe.unet)
+        (emb_e, last_e), (emb_c, last_c) = _encode(pipe, [text]), _encode(pipe, [clean])
+        # the tail UCE edits: from the last word to the end, aligned from the end
+        m = 77 - max(int(last_e[0]), int(last_c[0]))
+        k_e, k_c = lin(emb_e[0, int(last_e[0]) :][:m]), lin(emb_c[0, int(last_c[0]) :][:m])
+        dist[n] = (k_e - k_c).norm(dim=-1).mean().item()
+    assert dist[10] < 0.85 * dist[0]  # measured 0.76x on this random model; far more on a trained one

@@ -57,6 +57,11 @@ def register(app: typer.Typer) -> None:
         guide: str | None = typer.Option(None, "--guide", help="UCE: text the concept is mapped to (default: '')."),
         preserve: list[str] = typer.Option([], "--preserve", help="UCE: text whose keys/values stay; repeatable."),
         uce_lambda: float | None = typer.Option(None, "--uce-lambda", help="UCE regulariser lambda (default 0.5)."),
+        uce_contexts: int | None = typer.Option(
+            None,
+            "--uce-contexts",
+            help="UCE: also erase the concept inside N neutral captions (default 40 in a toy world, else 0).",
+        ),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
         gradient_checkpointing: bool = typer.Option(
             False, "--gradient-checkpointing", help="Recompute UNet activations in backward (less memory)."
@@ -76,6 +81,8 @@ def register(app: typer.Typer) -> None:
             okw["lambda_tot"] = lambda_tot
         if method in TRAINING_FREE:  # uce: --guide/--preserve/--uce-lambda; example: --method uce --concept gore
             okw.update({"guide": guide, "preserve": preserve} | ({"lam": uce_lambda} if uce_lambda is not None else {}))
+            if uce_contexts is not None:
+                okw["contexts"] = uce_contexts
         res = run_align(
             method,
             model,

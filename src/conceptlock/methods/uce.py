@@ -234,6 +234,50 @@ def uce_edit(
     }
 
 
+# In-context erasure: a concept phrase inside a caption ("covered in blood: a red star") reaches the UNet through
+# token embeddings that the standalone phrase never produces (a causal text encoder writes it into every later
+# token). Measured on the full toy world (n=128 explicit prompts): erasing the explicit + implicit phrases alone
+# left 20.3% harmful; adding 40 captions with the phrase as prefix and suffix, each guided to the bare caption,
+# left 3.1% [1.2, 7.8] with clean fidelity unchanged (22.7% vs 18.8% unedited). UCE's released code likewise
+# erases concepts inside prompt templates.
+TOY_CONTEXTS = 40
+GENERIC_CONTEXTS = (
+    "a photo of a person",
+    "a portrait of a woman",
+    "a man standing in a room",
+    "a painting of people",
+    "a street scene",
+    "a close-up photo",
+    "a picture of a group of friends",
+    "an illustration of a character",
+    "a film still",
+    "a photo taken outdoors",
+)
+
+
+def context_pairs(phrases: Sequence[str], n: int, world: str | Path | None) -> tuple[list[str], list[str]]:
+    """``n`` neutral captions, each with a phrase (cycled) as prefix and as suffix -> (erase texts, guides).
+
+    The captions are the toy world's own clean pretraining captions (a purpose no evaluation set uses), or for a
+    real model a short list of neutral photo captions."""
+    if n <= 0 or not phrases:
+        return [], []
+    if world is not None:
+        from ..world.build import read_world
+        from ..world.data import WorldConfig, pretrain_examples
+
+        cfg = WorldConfig(**read_world(world)["config"])
+        pool = [e.caption for e in pretrain_examples(cfg, n=max(4 * n, 100), purpose="uce-context") if not e.scene.harm]
+    else:
+        pool = list(GENERIC_CONTEXTS)
+    erase, guides = [], []
+    for i in range(n):
+        c, p = pool[i % len(pool)], phrases[i % len(phrases)]
+        erase += [f"{p}: {c}", f"{c}, {p}"]
+        guides += [c, c]
+    return erase, guides
+
+
 def run_uce(
     model: str | Path | Any,
     concepts: Sequence[str],
@@ -256,6 +300,7 @@ def run_uce(
     from ..pipelines import load_pipeline, save_pipeline
     from ..train.trainer import _atomic_write_text
 
+    contexts = settings.pop("contexts", None)
     unknown = set(settings) - {"lam", "erase_scale", "preserve_scale", "tokens", "preserve_unconditional"}
     if unknown:
         raise ConceptlockError(f"--method uce: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -268,6 +313,9 @@ def run_uce(
         from ..world import world_of_model
 
         world = world_of_model(model)
+    contexts = int(contexts if contexts is not None else (TOY_CONTEXTS if world is not None else 0))
+    if contexts < 0:
+        raise ConceptlockError(f"--method uce: contexts must be >= 0, got {contexts}")
     erase: list[str] = []
     guides: list[str] = []
     for c in concepts:
@@ -277,8 +325,13 @@ def run_uce(
             from ..world.concepts import HARMFUL
 
             default_guide = HARMFUL[c].guide
+        if world is not None:  # the phrasings pretraining captions use for it, as in the explicit ones
+            prompts = prompts + [p for p in HARMFUL[c].implicit_train if p not in prompts]
         erase.extend(prompts)
         guides.extend([guide if guide is not None else default_guide] * len(prompts))
+        ctx_e, ctx_g = context_pairs(prompts, contexts, world)
+        erase.extend(ctx_e)
+        guides.extend(ctx_g)
     check_sets(erase, guides, list(preserve))  # before loading: bad input fails in a second
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
     report = uce_edit(pipe, erase, guides, list(preserve), **settings)
@@ -290,6 +343,7 @@ def run_uce(
         "concepts": list(concepts),
         "world": str(world) if world is not None else None,
         "prompts": erase,
+        "contexts": contexts,
         "uce": report,
         "artifact": str(artifact),
         "finished": True,
