@@ -135,3 +135,21 @@ def test_sdxl_conditioning_matches_diffusers():
     torch.testing.assert_close(ours, theirs)
     # and the pooled embedding matters: zeroing it changes the prediction
     assert not torch.allclose(unet_forward(pipe.unet, x, t, torch.cat([emb[:1, :-1], emb[1:, -1:]], 1)), ours)
+
+
+@pytest.mark.parametrize("method,params", [("sdd", "xattn"), ("uce", None)])
+def test_sdxl_other_methods_change_the_cross_attention(tmp_path, method, params):
+    """SDD (trained through the packed conditioning) and UCE (closed form on the concatenated 2-encoder
+    embeddings) both run on SDXL, edit attn2, and leave a pipeline vanilla diffusers loads as SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from conceptlock.align import run_align
+
+    base = save_pipeline(tiny_pipeline(seed=3, arch="sdxl"), tmp_path / "base")
+    res = run_align(method, base, ["nudity"], tmp_path / method, params=params, steps=2 if params else None)
+    edited = StableDiffusionXLPipeline.from_pretrained(str(res.artifact))
+    before = StableDiffusionXLPipeline.from_pretrained(str(base))
+    k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    w_new, w_old = edited.unet.state_dict()[k], before.unet.state_dict()[k]
+    assert w_new.shape == (w_old.shape[0], 64)  # keys read both encoders' states (32 + 32)
+    assert not torch.equal(w_new, w_old)
