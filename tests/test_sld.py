@@ -190,3 +190,18 @@ def test_sld_on_a_toy_model_defaults_to_the_worlds_safety_concepts(micro_world, 
     run_evaluate(tmp_path / "b", steps=2, limit=1, progress=False, options={"sld": "MAX", "sld_concept": "x"}, **kw)
     opts = [json.loads((tmp_path / d / "manifest.jsonl").read_text().splitlines()[0])["options"] for d in "ab"]
     assert opts[0]["sld_concept"] == text and opts[1]["sld_concept"] == "x"
+
+
+def test_sld_on_sdxl_off_equals_the_pipeline_and_on_moves_away():
+    """SDXL's SLD runs on the packed conditioning: with the safety scale <= 1 it is exactly
+    StableDiffusionXLPipeline's sampling; switched on, the images change."""
+    from conceptlock.pipelines import tiny_pipeline
+
+    xl = tiny_pipeline(seed=4, arch="sdxl")
+    plain = xl(PROMPTS, num_inference_steps=4, guidance_scale=5.0, generator=gens(), output_type="np").images
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
+    off = sld_generate(xl, PROMPTS, sld="MAX", sld_guidance_scale=1, generator=gens(), **kw)
+    assert not off.applied
+    np.testing.assert_allclose(off.images, plain, atol=2e-5)
+    on = sld_generate(xl, PROMPTS, sld="MAX", sld_concept="blood", generator=gens(), **kw)
+    assert on.applied and np.abs(on.images - plain).max() > 1e-3

@@ -192,11 +192,12 @@ def sld_generate(
     cfg, text = resolve_sld({"sld": sld, "sld_concept": sld_concept, **overrides})
     if guidance_scale <= 1.0:
         raise ConceptlockError(f"SLD needs classifier-free guidance (guidance > 1), got {guidance_scale}")
-    from .conditioning import is_sdxl
+    from .conditioning import encode_texts, is_sdxl, unet_forward
     from .methods.base import Prediction
 
-    if is_sdxl(pipe):
-        raise ConceptlockError("SLD is implemented for SD 1.x/2.x pipelines only (not SDXL), as in diffusers")
+    sdxl = is_sdxl(pipe)
+    if sdxl and (prompt_embeds is not None or negative_prompt_embeds is not None):
+        raise ConceptlockError("SLD on SDXL takes prompts, not prompt_embeds")
     device = pipe._execution_device
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -209,19 +210,24 @@ def sld_generate(
         raise ConceptlockError("sld_generate: give a prompt or prompt_embeds")
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * batch
-    cond, uncond = pipe.encode_prompt(
-        prompt,
-        device,
-        1,
-        True,
-        negative_prompt,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
-    )
+    dtype = pipe.unet.dtype
+    if sdxl:  # packed conditioning (conceptlock.conditioning): SDXL's two encoders, pooled text, time ids
+        cond = encode_texts(pipe, prompt, device, dtype)
+        uncond = encode_texts(pipe, negative_prompt or [""] * batch, device, dtype)
+    else:
+        cond, uncond = pipe.encode_prompt(
+            prompt,
+            device,
+            1,
+            True,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
     apply = cfg.guidance_scale > 1.0  # diffusers: a safety scale <= 1 switches SLD off
     embeds = [_repeat(uncond, batch), _repeat(cond, batch)]
     if apply:
-        safety, _ = pipe.encode_prompt(text, device, 1, False)
+        safety = encode_texts(pipe, [text], device, dtype) if sdxl else pipe.encode_prompt(text, device, 1, False)[0]
         embeds.append(_repeat(safety.to(cond.dtype), batch))
     embeds = torch.cat(embeds)
     branches = len(embeds) // batch
@@ -239,7 +245,7 @@ def sld_generate(
     momentum: Tensor | None = None
     for i, t in enumerate(sched.timesteps):
         inp = sched.scale_model_input(torch.cat([x] * branches), t)
-        out = pipe.unet(inp, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        out = unet_forward(pipe.unet, inp, t, embeds)
         tt = torch.full((batch,), int(t), device=device)
         x_in = inp[:batch]
         if pred.kind != "epsilon":
