@@ -16,21 +16,16 @@ from PIL import Image
 from conceptlock.pipelines import save_pipeline, tiny_pipeline
 
 
-@pytest.mark.parametrize(
-    "arch,prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")], ids=["sd1-eps", "sd2-vpred"]
-)
-def test_align_finetune_compose_evaluate(tmp_path, arch, prediction_type):
+def align_task_compose(base, tmp_path):
+    """ESD safety LoRA (2 steps), a Modular task LoRA on it (2 steps), both composed: (safety, task, served)."""
     from conceptlock.align import run_align
-    from conceptlock.commands.evaluate import run_evaluate
     from conceptlock.compose import run_compose
     from conceptlock.finetune import run_finetune
 
-    base = save_pipeline(tiny_pipeline(seed=1, arch=arch, prediction_type=prediction_type), tmp_path / "base")
     safety = run_align("esd", base, ["nudity"], tmp_path / "esd", params="lora:safety", steps=2, seed=0)
     assert safety.artifact.suffix == ".safetensors"
     log = [json.loads(x) for x in (tmp_path / "esd" / "train_log.jsonl").read_text().splitlines() if x.strip()]
     assert log and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-
     task = run_finetune(
         base,
         write_image_folder(tmp_path / "data", text="a photo of a striped cat {i}"),
@@ -41,7 +36,17 @@ def test_align_finetune_compose_evaluate(tmp_path, arch, prediction_type):
         batch_size=2,
     )
     composed = run_compose(base, [f"safety={safety.artifact}:1.0", f"task={task.artifact}:1.0"], tmp_path / "served")
-    out = composed.out if hasattr(composed, "out") else tmp_path / "served"
+    return safety, task, composed.out if hasattr(composed, "out") else tmp_path / "served"
+
+
+@pytest.mark.parametrize(
+    "arch,prediction_type", [("sd1", "epsilon"), ("sd2", "v_prediction")], ids=["sd1-eps", "sd2-vpred"]
+)
+def test_align_finetune_compose_evaluate(tmp_path, arch, prediction_type):
+    from conceptlock.commands.evaluate import run_evaluate
+
+    base = save_pipeline(tiny_pipeline(seed=1, arch=arch, prediction_type=prediction_type), tmp_path / "base")
+    safety, task, out = align_task_compose(base, tmp_path)
 
     # the served model is a vanilla diffusers folder that keeps the architecture and prediction type
     pipe = StableDiffusionPipeline.from_pretrained(str(base), safety_checker=None, requires_safety_checker=False)
@@ -71,28 +76,12 @@ def test_sdxl_align_finetune_compose_evaluate(tmp_path):
     LoRA, Modular LoRA task training) and the served composition equals vanilla diffusers' SDXL pipeline."""
     from diffusers import StableDiffusionXLPipeline
 
-    from conceptlock.align import run_align
     from conceptlock.commands.evaluate import run_evaluate
-    from conceptlock.compose import run_compose
-    from conceptlock.finetune import run_finetune
     from conceptlock.pipelines import load_pipeline
 
     base = save_pipeline(tiny_pipeline(seed=1, arch="sdxl"), tmp_path / "base")
     assert isinstance(load_pipeline(base), StableDiffusionXLPipeline)
-    safety = run_align("esd", base, ["nudity"], tmp_path / "esd", params="lora:safety", steps=2, seed=0)
-    log = [json.loads(x) for x in (tmp_path / "esd" / "train_log.jsonl").read_text().splitlines() if x.strip()]
-    assert log and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
-    task = run_finetune(
-        base,
-        write_image_folder(tmp_path / "data", text="a photo of a striped cat {i}"),
-        tmp_path / "task",
-        params="lora:task",
-        adapters=[f"safety={safety.artifact}"],
-        steps=2,
-        batch_size=2,
-    )
-    composed = run_compose(base, [f"safety={safety.artifact}:1.0", f"task={task.artifact}:1.0"], tmp_path / "served")
-    out = composed.out if hasattr(composed, "out") else tmp_path / "served"
+    safety, task, out = align_task_compose(base, tmp_path)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
