@@ -139,7 +139,3 @@ def encode_texts(pipe: Any, texts: Sequence[str], device: Any = None, dtype: tor
                 emb[i, :-1] = 0
                 emb[i, -1, :p] = 0
     return emb
-
-
-def text_encoders(pipe: Any) -> list[nn.Module]:
-    return [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e is not None]
