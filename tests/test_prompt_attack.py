@@ -195,3 +195,56 @@ def test_command_on_a_micro_world(micro_world, tmp_path):
     from conceptlock.cli import app as main_app  # registered in the real `attack` group
 
     assert "UnlearnDiffAtk" in runner.invoke(main_app, ["attack", "prompt", "--help"], terminal_width=200).output
+
+
+@pytest.fixture(scope="module")
+def xl():
+    from conceptlock.pipelines import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline(0)
+
+
+def test_sdxl_prefix_reads_both_encoders_and_matches_plain_conditioning(xl):
+    from conceptlock.conditioning import encode, tokenize, tokenizers
+
+    emb = PrefixEmbedder.for_pipeline(xl, k=2)
+    assert emb.sdxl and emb.dim == xl.text_encoder.config.hidden_size + xl.text_encoder_2.config.hidden_size
+    ids, _ = emb.token_ids(["a bloody cat", "a dog"])
+    assert ids.shape == (2, 2, xl.tokenizer.model_max_length)
+    # a prefix of real tokens ("red car") must give exactly the conditioning of the prompt that spells them out
+    word_ids = xl.tokenizer("red car", add_special_tokens=False).input_ids
+    assert len(word_ids) == 2
+    tables = [e.weight.detach() for e in emb.embeddings]
+    prefix = torch.cat([t[torch.tensor(word_ids)] for t in tables], -1)[None].expand(2, -1, -1)
+    with torch.no_grad():
+        got = emb.encode(ids, prefix)
+        want = encode(xl, tokenize(tokenizers(xl), ["red car a bloody cat", "red car a dog"]))
+    # SDXL's second tokenizer pads with '!' where ours pads after EOS the same way: rows are comparable
+    torch.testing.assert_close(got, want)
+    proj, pid = emb.project(prefix)
+    assert pid[0].tolist() == word_ids and emb.decode(pid[:1]) == ["red car"]
+
+
+def test_sdxl_gradient_reaches_both_slices_of_the_prefix(xl):
+    emb = PrefixEmbedder.for_pipeline(xl, k=2)
+    ids, _ = emb.token_ids(["a bloody cat"])
+    prefix = emb.random_init([torch.Generator().manual_seed(0)]).requires_grad_(True)
+    size = xl.unet.config.sample_size
+    z0 = torch.randn(1, xl.unet.config.in_channels, size, size)
+    pred = Prediction.from_scheduler_config(xl.scheduler.config)
+    for p in list(xl.unet.parameters()) + list(xl.text_encoder.parameters()) + list(xl.text_encoder_2.parameters()):
+        p.requires_grad_(False)
+    attack_loss(xl.unet, emb, prefix, ids, z0, pred, [torch.Generator().manual_seed(1)]).backward()
+    g1, g2 = prefix.grad.split(emb.dims, dim=-1)
+    assert g1.abs().sum() > 0 and g2.abs().sum() > 0
+    assert not any(e._forward_hooks for e in emb.embeddings)  # hooks removed after use
+
+
+def test_sdxl_attack_runs_with_discrete_prefix_and_sld(xl, tmp_path):
+    cfg = AttackConfig(k=2, iterations=2, steps=2, discrete=True, batch_size=2)
+    res = prompt_attack(xl, rows(2), bright_judge(1e9), config=cfg, out_dir=tmp_path, progress=False)
+    assert res.attacked == 2 and all(r["adversarial_text"] for r in res.records)
+    assert len(list((tmp_path / "images").glob("*_attack.png"))) == 2
+    sld = AttackConfig(k=2, iterations=1, steps=2, sld="MAX", sld_concept="blood", batch_size=2)
+    res2 = prompt_attack(xl, rows(2), bright_judge(1e9), config=sld, progress=False)
+    assert res2.attacked == 2 and res2.asr["n"] == 2

@@ -196,8 +196,11 @@ def sld_generate(
     from .methods.base import Prediction
 
     sdxl = is_sdxl(pipe)
-    if sdxl and (prompt_embeds is not None or negative_prompt_embeds is not None):
-        raise ConceptlockError("SLD on SDXL takes prompts, not prompt_embeds")
+    if sdxl and prompt_embeds is not None and prompt_embeds.shape[1] != pipe.tokenizer.model_max_length + 1:
+        raise ConceptlockError(
+            "SLD on SDXL takes prompts or packed conditioning (conceptlock.conditioning.encode), "
+            f"got prompt_embeds of shape {tuple(prompt_embeds.shape)}"
+        )
     device = pipe._execution_device
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -212,8 +215,13 @@ def sld_generate(
         negative_prompt = [negative_prompt] * batch
     dtype = pipe.unet.dtype
     if sdxl:  # packed conditioning (conceptlock.conditioning): SDXL's two encoders, pooled text, time ids
-        cond = encode_texts(pipe, prompt, device, dtype)
-        uncond = encode_texts(pipe, negative_prompt or [""] * batch, device, dtype)
+        cond = (
+            prompt_embeds.to(device, dtype) if prompt_embeds is not None else encode_texts(pipe, prompt, device, dtype)
+        )
+        if negative_prompt_embeds is not None:
+            uncond = negative_prompt_embeds.to(device, dtype)
+        else:
+            uncond = encode_texts(pipe, negative_prompt or [""] * batch, device, dtype)
     else:
         cond, uncond = pipe.encode_prompt(
             prompt,

@@ -49,6 +49,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..conditioning import is_sdxl, unet_forward, unpack
 from ..errors import ConceptlockError
 from ..methods.base import Prediction, sample_seed
 from ..prompts import PromptRow
@@ -109,20 +110,44 @@ class AttackConfig:
 
 
 class PrefixEmbedder:
-    """The pipeline's text encoder with ``k`` trainable token embeddings right after BOS.
+    """The pipeline's text encoder(s) with ``k`` trainable token embeddings right after BOS.
 
     Token ids are laid out as ``BOS, placeholder * k, prompt tokens, EOS, pad...`` (a prompt too long
     for the remaining positions is truncated, as SD truncates); a forward hook on the token-embedding
     layer replaces the placeholders' embeddings with the prefix, so position embeddings, the causal
     mask and EOS pooling stay the encoder's own.
+
+    SDXL has two text encoders over one BPE vocabulary. The prefix is one k x (d1 + d2) tensor: each
+    encoder reads its own slice, both start from the same random tokens, and projection picks, per
+    position, the one token nearest in both tables together (summed cosine), so a discrete prefix is
+    one piece of text both encoders read. `encode` then returns SDXL's packed conditioning
+    (`conceptlock.conditioning`): penultimate hidden states of both, the second's pooled output, time ids.
     """
 
-    def __init__(self, text_encoder: nn.Module, tokenizer: Any, k: int):
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.embedding: nn.Embedding = text_encoder.get_input_embeddings()
-        max_pos = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
-        self.length = min(int(tokenizer.model_max_length), int(max_pos or tokenizer.model_max_length))
+    def __init__(
+        self,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        k: int,
+        *,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2: Any | None = None,
+        time_ids: Tensor | None = None,
+    ):
+        pairs = [(text_encoder, tokenizer)]
+        if text_encoder_2 is not None:
+            if tokenizer_2 is None or time_ids is None:
+                raise ConceptlockError("an SDXL prefix needs both tokenizers and the time ids")
+            pairs.append((text_encoder_2, tokenizer_2))
+        self.encoders = [te for te, _ in pairs]
+        self.tokenizers = [tok for _, tok in pairs]
+        self.embeddings: list[nn.Embedding] = [te.get_input_embeddings() for te in self.encoders]
+        self.time_ids = time_ids
+        lengths = []
+        for te, tok in pairs:
+            max_pos = getattr(getattr(te, "config", None), "max_position_embeddings", None)
+            lengths.append(min(int(tok.model_max_length), int(max_pos or tok.model_max_length)))
+        self.length = min(lengths)
         self.free = self.length - 2
         if k <= 0:
             raise ConceptlockError(f"--k must be >= 1 prefix token, got {k}")
@@ -131,80 +156,139 @@ class PrefixEmbedder:
                 f"--k {k} is longer than the tokenizer's {self.free} free positions ({self.length} minus BOS and EOS)"
             )
         self.k = k
-        self.bos = tokenizer.bos_token_id
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        special = {self.bos, self.eos, self.pad}
-        ids = tokenizer("x", add_special_tokens=False).input_ids
-        self.placeholder = ids[0] if ids and ids[0] not in special else 0
-        self.special = [i for i in special if i is not None]
+        self._ids = []  # per tokenizer: (bos, eos, pad, placeholder)
+        special: set[int] = set()
+        for tok in self.tokenizers:
+            bos, eos = tok.bos_token_id, tok.eos_token_id
+            pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+            ids = tok("x", add_special_tokens=False).input_ids
+            place = ids[0] if ids and ids[0] not in {bos, eos, pad} else 0
+            self._ids.append((bos, eos, pad, place))
+            special |= {i for i in (bos, eos, pad) if i is not None}
+        self.special = sorted(special)
+        self.placeholder = self._ids[0][3]
+        self.dims = [int(e.weight.shape[1]) for e in self.embeddings]
         self._prefix: Tensor | None = None
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, k: int) -> PrefixEmbedder:
+        """The embedder for an SD 1.x/2.x or SDXL pipeline."""
+        from ..conditioning import is_sdxl, time_ids
+
+        if not is_sdxl(pipe):
+            return cls(pipe.text_encoder, pipe.tokenizer, k)
+        return cls(
+            pipe.text_encoder,
+            pipe.tokenizer,
+            k,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            time_ids=time_ids(pipe),
+        )
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.encoders) == 2
 
     @property
     def dim(self) -> int:
-        return int(self.embedding.weight.shape[1])
+        return sum(self.dims)
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.encoders[-1]
+
+    def _slices(self, prefix: Tensor) -> list[Tensor]:
+        return list(prefix.split(self.dims, dim=-1))
 
     def token_ids(self, prompts: Sequence[str]) -> tuple[Tensor, list[bool]]:
-        """(B x L ids with placeholders, whether each prompt was truncated to fit after the prefix)."""
+        """(ids with placeholders: B x L, or B x 2 x L for SDXL; whether each prompt was truncated)."""
         room = self.length - 2 - self.k
-        rows, truncated = [], []
-        for p in prompts:
-            toks = self.tokenizer(p, add_special_tokens=False).input_ids
-            truncated.append(len(toks) > room)
-            toks = toks[:room]
-            ids = [self.bos] + [self.placeholder] * self.k + toks + [self.eos]
-            rows.append(ids + [self.pad] * (self.length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long), truncated
+        per_tok, truncated = [], []
+        for n, tok in enumerate(self.tokenizers):
+            bos, eos, pad, place = self._ids[n]
+            rows = []
+            for p in prompts:
+                toks = tok(p, add_special_tokens=False).input_ids
+                if n == 0:
+                    truncated.append(len(toks) > room)
+                toks = toks[:room]
+                ids = [bos] + [place] * self.k + toks + [eos]
+                rows.append(ids + [pad] * (self.length - len(ids)))
+            per_tok.append(torch.tensor(rows, dtype=torch.long))
+        ids = per_tok[0] if len(per_tok) == 1 else torch.stack(per_tok, dim=1)
+        return ids, truncated
 
     def random_init(self, gens: Sequence[torch.Generator]) -> Tensor:
         """B x k x d embeddings of random vocabulary tokens (specials excluded), one generator per prompt."""
-        vocab = self.embedding.weight.shape[0]
+        vocab = min(int(e.weight.shape[0]) for e in self.embeddings)
         out = []
         for g in gens:
             ids = torch.randint(0, vocab, (self.k,), generator=g)
             for s in self.special:
                 ids[ids == s] = self.placeholder
-            out.append(self.embedding.weight.detach()[ids.to(self.embedding.weight.device)])
-        return torch.stack(out).float()
+            out.append(torch.cat([e.weight.detach()[ids.to(e.weight.device)].float() for e in self.embeddings], -1))
+        return torch.stack(out)
 
     def project(self, prefix: Tensor) -> tuple[Tensor, Tensor]:
-        """Nearest vocabulary tokens (cosine) of each prefix vector: (embeddings, ids)."""
-        table = self.embedding.weight.detach().float()
-        sims = F.normalize(prefix.detach().float(), dim=-1) @ F.normalize(table, dim=-1).T
+        """Nearest vocabulary tokens (cosine, summed over the encoders) of each prefix vector: (embeddings, ids)."""
+        tables = [e.weight.detach().float() for e in self.embeddings]
+        vocab = min(t.shape[0] for t in tables)
+        sims = sum(
+            F.normalize(p.detach().float(), dim=-1) @ F.normalize(t[:vocab], dim=-1).T
+            for p, t in zip(self._slices(prefix), tables, strict=True)
+        )
         for s in self.special:
-            sims[..., s] = -2.0
+            if s < vocab:
+                sims[..., s] = -1e4
         ids = sims.argmax(-1)
-        return table[ids], ids
+        return torch.cat([t[ids] for t in tables], dim=-1), ids
 
     def decode(self, ids: Tensor) -> list[str]:
-        return [self.tokenizer.decode(r.tolist()).strip() for r in ids]
+        return [self.tokenizers[0].decode(r.tolist()).strip() for r in ids]
 
-    def _hook(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        if self._prefix is None:
-            return output
-        p = self._prefix.to(device=output.device, dtype=output.dtype)
-        return torch.cat([output[:, :1], p, output[:, 1 + self.k :]], dim=1)
+    def _hook_for(self, n: int) -> Callable[..., Tensor]:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+            if self._prefix is None:
+                return output
+            p = self._slices(self._prefix)[n].to(device=output.device, dtype=output.dtype)
+            return torch.cat([output[:, :1], p, output[:, 1 + self.k :]], dim=1)
+
+        return hook
 
     @contextlib.contextmanager
     def spliced(self, prefix: Tensor) -> Iterator[None]:
-        """While active, the encoder sees ``prefix`` (B x k x d) at positions 1..k."""
+        """While active, the encoders see ``prefix`` (B x k x d) at positions 1..k."""
         self._prefix = prefix
-        handle = self.embedding.register_forward_hook(self._hook)
+        handles = [e.register_forward_hook(self._hook_for(n)) for n, e in enumerate(self.embeddings)]
         try:
             yield
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             self._prefix = None
 
     def encode(self, ids: Tensor, prefix: Tensor) -> Tensor:
-        """Last hidden states (SD's conditioning) with the prefix spliced in; differentiable in ``prefix``."""
+        """SD's conditioning with the prefix spliced in (packed for SDXL); differentiable in ``prefix``."""
         if prefix.shape[:2] != (ids.shape[0], self.k) or prefix.shape[2] != self.dim:
             raise ConceptlockError(
                 f"prefix shape {tuple(prefix.shape)} does not fit ({ids.shape[0]}, {self.k}, {self.dim})"
             )
-        device = self.embedding.weight.device
+        if not self.sdxl:
+            device = self.embeddings[0].weight.device
+            with self.spliced(prefix):
+                return self.encoders[0](ids.to(device), return_dict=False)[0]
+        from ..conditioning import pack
+
+        hidden, pooled = [], None
         with self.spliced(prefix):
-            return self.text_encoder(ids.to(device), return_dict=False)[0]
+            for n, te in enumerate(self.encoders):
+                out = te(ids[:, n].to(self.embeddings[n].weight.device), output_hidden_states=True, return_dict=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out[0]
+        h = torch.cat([x.to(hidden[-1].device) for x in hidden], dim=-1)
+        assert self.time_ids is not None and pooled is not None
+        return pack(h, pooled, self.time_ids.to(h.device).expand(h.shape[0], -1))
 
 
 def attack_loss(
@@ -223,7 +307,7 @@ def attack_loss(
     eps = torch.stack([torch.randn(tuple(z0.shape[1:]), generator=g) for g in gens]).to(device, z0.dtype)
     x_t = pred.add_noise(z0, eps, t)
     cond = embedder.encode(ids, prefix).to(next(unet.parameters()).dtype)
-    out = unet(x_t.to(cond.dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+    out = unet_forward(unet, x_t.to(cond.dtype), t, cond).float()
     target = pred.target(z0, eps, t).float()
     per = F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
     return per if reduction == "none" else per.sum()
@@ -255,7 +339,11 @@ def _sample(
         kw: dict[str, Any] = dict(
             num_inference_steps=cfg.steps, guidance_scale=g, generator=gens, output_type=output_type
         )
-        if prompt_embeds is not None:
+        if prompt_embeds is not None and is_sdxl(pipe) and not (sld and cfg.sld is not None):
+            hidden, added = unpack(pipe.unet, prompt_embeds[idx])  # packed SDXL conditioning
+            kw["prompt_embeds"] = hidden
+            kw["pooled_prompt_embeds"] = added["text_embeds"]
+        elif prompt_embeds is not None:
             kw["prompt_embeds"] = prompt_embeds[idx]
         else:
             kw["prompt"] = [rows[i].prompt for i in idx]
@@ -402,7 +490,7 @@ def prompt_attack(
     if not rows:
         raise ConceptlockError("empty prompt set: nothing to attack")
     t_start = time.perf_counter()
-    embedder = PrefixEmbedder(pipe.text_encoder, pipe.tokenizer, cfg.k)
+    embedder = PrefixEmbedder.for_pipeline(pipe, cfg.k)
     pred = Prediction.from_scheduler_config(pipe.scheduler.config)
     device = pipe.unet.device
     folder_latents: list[Tensor] | None = None
@@ -470,7 +558,7 @@ def prompt_attack(
             opt = torch.optim.AdamW([prefix], lr=cfg.lr, weight_decay=cfg.weight_decay)
             done: dict[int, tuple[Any, int, Tensor]] = {}  # position in todo -> (image, iteration, prefix)
             losses: list[Tensor] = []  # per-prompt loss of each iteration
-            with _frozen(pipe.unet, pipe.text_encoder):
+            with _frozen(pipe.unet, *embedder.encoders):
                 for it in range(cfg.iterations):
                     opt.zero_grad(set_to_none=True)
                     used = prefix
@@ -648,10 +736,6 @@ def run_prompt_attack(
     prompt_set = load_prompts(prompts, base_seed=base_seed, limit=limit)
     judge = metric_judge(metric)  # before loading models: a missing judge fails in a second
     pipe = load_pipeline(model)
-    from ..conditioning import is_sdxl
-
-    if is_sdxl(pipe):  # the attack optimises one text encoder's token embeddings; SDXL has two
-        raise ConceptlockError(f"--model {model}: the prompt attack supports SD 1.x/2.x pipelines, not SDXL")
     if adapters:
         from ..adapters import apply_adapters
 
