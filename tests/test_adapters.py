@@ -165,3 +165,17 @@ def test_missing_file_and_unknown_adapter_errors(tmp_path):
     _one_line_error(pipe, tmp_path / "nope.safetensors")
     with pytest.raises(ConceptlockError, match="not loaded"):
         A.compose(pipe, {"ghost": 1.0})
+
+
+def test_sdxl_lora_on_sd1_and_the_reverse_name_both_architectures(tmp_path):
+    sd1, xl = tiny_pipeline(0), tiny_pipeline(0, arch="sdxl")
+    A.add_adapter(sd1, "s", rank=2, alpha=2)
+    A.add_adapter(xl, "x", rank=2, alpha=2)
+    f_sd1 = A.save_adapter(sd1, "s", tmp_path / "sd1.safetensors")
+    f_xl = A.save_adapter(xl, "x", tmp_path / "xl.safetensors")
+    msg = _one_line_error(tiny_pipeline(0), f_xl)
+    assert "architecture mismatch" in msg and "width 64" in msg and "SD 1.x/2.x (cross-attention width 32)" in msg
+    msg = _one_line_error(tiny_pipeline(0, arch="sdxl"), f_sd1)
+    assert "architecture mismatch" in msg and "the model is SDXL (cross-attention width 64)" in msg
+    # each file still loads into its own architecture
+    assert A.load_adapter(tiny_pipeline(0, arch="sdxl"), f_xl, "x") == "x"

@@ -171,6 +171,48 @@ def delete_adapter(obj: Any, name: str) -> None:
             mod.delete_adapters(name)
 
 
+_KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+_XATTN_K_DOWN = re.compile(r"attn2[._]to_k[._](lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight$")
+
+
+def _check_architecture(pipe: Any, path: Path, keys: list[str]) -> None:
+    """Refuse, in one line naming both, a LoRA made for another architecture (an SDXL LoRA on SD 1.x, the reverse).
+
+    The file's cross-attention key projections read the text width it was trained for (SD 1.x 768, SD 2.x 1024,
+    SDXL 2048); a second text encoder's keys mark SDXL. Checked before diffusers loads anything, so the error
+    names the architectures instead of a tensor shape deep in the UNet.
+    """
+    from safetensors import safe_open
+
+    from .conditioning import is_sdxl
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return
+    model_width = int(unet.config.cross_attention_dim)
+    model_xl = is_sdxl(pipe)
+    file_xl = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
+    file_width = None
+    k_down = next((k for k in keys if _XATTN_K_DOWN.search(k) and "text_encoder" not in k and "lora_te" not in k), None)
+    if k_down is not None:
+        with safe_open(str(path), "pt") as f:
+            file_width = int(f.get_slice(k_down).get_shape()[-1])
+    if file_width is None and not file_xl:
+        return
+
+    def name(width: int | None, xl: bool) -> str:
+        base = "SDXL" if xl else _KNOWN_WIDTHS.get(width or -1, "SD 1.x/2.x")
+        return f"{base} (cross-attention width {width})" if width else base
+
+    if (file_width is not None and file_width != model_width) or (file_xl and not model_xl):
+        file_is_xl = file_xl or file_width == 2048
+        raise ConceptlockError(
+            f"{path}: architecture mismatch: a LoRA for {name(file_width, file_is_xl)}, but the model is "
+            f"{name(model_width, model_xl)}; "
+            "train or pick a LoRA for this model's architecture"
+        )
+
+
 def load_adapter(pipe: Any, path: str | Path, name: str, strict: bool = True) -> str:
     """Load a LoRA file (diffusers or kohya format) into `pipe` as adapter `name`. Strict: every LoRA tensor of
     the file must land on a module; otherwise nothing is kept and a one-line error says why."""
@@ -191,6 +233,7 @@ def load_adapter(pipe: Any, path: str | Path, name: str, strict: bool = True) ->
     expected = sum(1 for k in keys if "lora" in k and k.endswith(".weight"))
     if expected == 0:
         raise ConceptlockError(f"{p}: holds no LoRA weights (no '*lora*.weight' keys)")
+    _check_architecture(pipe, p, keys)
     try:
         with _quiet_diffusers():
             pipe.load_lora_weights(str(p), adapter_name=name)
