@@ -17,8 +17,8 @@ class Check:
 def checks(target: str) -> list[Check]:
     """Thresholds: `full` is the issue's bar; `quick` is what the CI-sized world reliably reaches.
 
-    The quick world's 400-step base model is noise the detector often flags (clean prompts judged
-    harmful 59% and 83% in two builds), so for it only the judges are asserted and the base-model
+    The quick world's 300-step base model is noise the detector often flags (clean prompts judged
+    harmful 59%, 83% and 50% in three builds), so for it only the judges are asserted and the base-model
     rates are reported: it exists to exercise the mechanics, not to measure.
     """
     bm = "base_model"
