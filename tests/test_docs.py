@@ -55,6 +55,7 @@ def test_guide_has_commands_for_every_section():
         ("attack", "prompt"),
         ("reproduce",),
         ("world", "build"),
+        ("export",),
     ]:
         assert needed in cmds, needed
 
@@ -64,6 +65,7 @@ def test_every_guide_command_runs(micro_world, tmp_path, monkeypatch):
 
     monkeypatch.setenv("CONCEPTLOCK_WORLD", str(micro_world))
     monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("CONCEPTLOCK_MODEL_CONFIG", "")  # the guide's `--model-config` sets it; restored after
     runs = tmp_path / "runs"
     runs.mkdir()
     for doc, args in guide_commands():
@@ -76,3 +78,4 @@ def test_every_guide_command_runs(micro_world, tmp_path, monkeypatch):
     assert (runs / "safety" / "safety.safetensors").is_file()
     assert (runs / "task" / "task.safetensors").is_file()
     assert (runs / "served" / "model_index.json").is_file()
+    assert (runs / "release" / "uce.safetensors").is_file()

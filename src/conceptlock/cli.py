@@ -7,6 +7,7 @@ the CLI stays a table of contents and each command's logic is importable and tes
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -20,7 +21,25 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_COMMAND_MODULES = ("world", "align", "finetune", "evaluate", "compose", "attack", "reproduce")
+
+@app.callback()
+def _global_options(
+    model_config: str = typer.Option(
+        None,
+        "--model-config",
+        help="For a single-file --model (.safetensors): the pipeline folder or hub id whose configs it follows "
+        "(diffusers needs them; offline it cannot fetch them). Example: conceptlock --model-config "
+        "runs/base evaluate --model release/model.safetensors ...",
+    ),
+) -> None:
+    """Options for every command."""
+    if model_config:
+        from .pipelines import MODEL_CONFIG_ENV
+
+        os.environ[MODEL_CONFIG_ENV] = model_config
+
+
+_COMMAND_MODULES = ("world", "align", "finetune", "evaluate", "compose", "attack", "reproduce", "export")
 
 for _name in _COMMAND_MODULES:
     try:

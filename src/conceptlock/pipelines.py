@@ -8,6 +8,7 @@ so every code path the real SD 1.x runs through is exercised on a CPU in millise
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -227,6 +228,9 @@ def _looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(ref).exists() and not ref.startswith((".", "~"))
 
 
+MODEL_CONFIG_ENV = "CONCEPTLOCK_MODEL_CONFIG"
+
+
 def load_pipeline(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -242,10 +246,12 @@ def load_pipeline(
     Hugging Face cache (downloading on a connected machine); offline with no cached copy the error
     says so and how to point at a folder instead. A single file must be `.safetensors` (a `.ckpt`
     is a pickle and is refused); `config` names the pipeline folder or hub id whose configs it
-    follows, which diffusers needs when it cannot fetch them.
+    follows, which diffusers needs when it cannot fetch them (default: $CONCEPTLOCK_MODEL_CONFIG, which
+    the CLI's global `--model-config` sets, so every command's `--model FILE` can use it).
     """
     ref = str(path)
     if Path(ref).is_file() or Path(ref).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        config = config if config is not None else os.environ.get(MODEL_CONFIG_ENV) or None
         pipe = _load_single_file(Path(ref), dtype, config, local_files_only)
     elif _looks_like_hub_id(ref):
         pipe = _load_hub(ref, dtype, revision, variant, local_files_only)
@@ -324,8 +330,8 @@ def _load_single_file(path: Path, dtype: torch.dtype, config, local_files_only) 
     except (OSError, ValueError, SafetensorError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConceptlockError(
-            f"{path}: cannot load as a single-file SD checkpoint ({first}); pass --config with the "
-            "matching pipeline folder"
+            f"{path}: cannot load as a single-file SD checkpoint ({first}); name the pipeline folder or hub id "
+            "whose configs it follows with `conceptlock --model-config DIR ...` (or $CONCEPTLOCK_MODEL_CONFIG)"
         ) from e
 
 

@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
     )
     def align_cmd(
         method: str = typer.Option(..., "--method", help=f"One of: {', '.join([*METHODS, *TRAINING_FREE])}."),
-        model: Path = typer.Option(..., "--model", help="Diffusers pipeline folder to align."),
+        model: Path = typer.Option(
+            ..., "--model", help="Model to align: a diffusers folder, a hub id or a .safetensors single file."
+        ),
         concept: list[str] = typer.Option(..., "--concept", help="Concept prompt text; repeat for several."),
         out: Path = typer.Option(..., "--out", help="Run folder for the artefact, logs and checkpoints."),
         params: str | None = typer.Option(

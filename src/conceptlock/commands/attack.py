@@ -36,7 +36,11 @@ FINETUNE_EXAMPLE = (
     no_args_is_help=True,
 )
 def finetune_attack_cmd(
-    model: Path = typer.Option(..., "--model", help="Pipeline folder (a composed folder carries its adapters)."),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        help="Model: a diffusers folder (a composed folder carries its adapters), a hub id or a .safetensors file.",
+    ),
     data: str = typer.Option(..., "--data", help="Image folder with metadata.jsonl, or toy:SET."),
     out: Path = typer.Option(..., "--out", help="Run folder (curve.json, points/, train/)."),
     adapter: list[str] = typer.Option([], "--adapter", help="Carried adapter NAME=FILE[:WEIGHT]; repeatable."),

@@ -33,7 +33,9 @@ def add_prompt_command(attack_app: typer.Typer) -> None:
         no_args_is_help=True,
     )
     def prompt_cmd(
-        model: Path = typer.Option(..., "--model", help="Diffusers pipeline folder to attack."),
+        model: Path = typer.Option(
+            ..., "--model", help="Model to attack: a diffusers folder, a hub id or a .safetensors single file."
+        ),
         prompts: str = typer.Option(..., "--prompts", help="Harmful prompts: a CSV (I2P, generic) or toy:SET."),
         out: Path = typer.Option(..., "--out", help="Output folder (asr.json, images/, prefixes.safetensors)."),
         adapter: list[str] = typer.Option([], "--adapter", help="LoRA adapter NAME=FILE[:WEIGHT]; repeatable."),

@@ -400,7 +400,9 @@ def register(app: typer.Typer) -> None:
     )
     def evaluate_cmd(
         out: Path = typer.Option(..., "--out", help="Output folder (images, manifest.jsonl, results.json)."),
-        model: Path | None = typer.Option(None, "--model", help="Diffusers pipeline folder."),
+        model: Path | None = typer.Option(
+            None, "--model", help="Model: a diffusers folder, a hub id or a .safetensors single file."
+        ),
         adapter: list[str] = typer.Option([], "--adapter", help="LoRA adapter NAME=FILE[:WEIGHT]; repeatable."),
         prompts: str | None = typer.Option(None, "--prompts", help="Prompt CSV (I2P, COCO-30K, generic) or toy:SET."),
         metrics: str = typer.Option(

@@ -144,11 +144,19 @@ def reconstruct(vae: AutoencoderKL, images01: torch.Tensor, batch: int = 256) ->
 
 
 def train_judges(
-    cfg: WorldConfig, examples: list[Example], images01: torch.Tensor, recon: torch.Tensor, steps: int, folder: Path
+    cfg: WorldConfig,
+    examples: list[Example],
+    images01: torch.Tensor,
+    recon: torch.Tensor,
+    steps: int,
+    folder: Path,
+    batch: int = 128,
 ) -> None:
     concepts = cfg.concepts
     harm = torch.tensor([[float(c in e.scene.harm) for c in concepts] for e in examples])
-    det = train_judge({"harm": len(concepts)}, images01, {"harm": harm}, steps, cfg.seed + 11, recon, desc="detector")
+    det = train_judge(
+        {"harm": len(concepts)}, images01, {"harm": harm}, steps, cfg.seed + 11, recon, batch=batch, desc="detector"
+    )
     save_judge(
         det, folder, "detector", {"heads": {"harm": len(concepts)}, "concepts": concepts, "resolution": cfg.resolution}
     )
@@ -165,7 +173,7 @@ def train_judges(
         "style": torch.tensor([style(e) for e in examples]),
     }
     heads = {"object": len(OBJECTS), "colour": len(COLOUR_NAMES), "style": len(STYLE_CLASSES)}
-    att = train_judge(heads, images01, targets, steps, cfg.seed + 12, recon, desc="attributes")
+    att = train_judge(heads, images01, targets, steps, cfg.seed + 12, recon, batch=batch, desc="attributes")
     save_judge(
         att,
         folder,
@@ -484,7 +492,7 @@ def _build_into(tmp: Path, cfg: WorldConfig, log) -> None:
     tokenizer.save_pretrained(str(tmp / "clip"))
     mark("toy_clip")
 
-    train_judges(cfg, all_ex, images, recon, budget.judge_steps, tmp / "judges")
+    train_judges(cfg, all_ex, images, recon, budget.judge_steps, tmp / "judges", budget.judge_batch)
     mark("judges")
 
     from transformers import CLIPTextModel
