@@ -175,15 +175,19 @@ _KNOWN_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 _XATTN_K_DOWN = re.compile(r"attn2[._]to_k[._](lora_A|lora\.down|lora_down)(\.[^.]+)?\.weight$")
 
 
-def _check_architecture(pipe: Any, path: Path, keys: list[str]) -> None:
+def _xattn_width(f: Any, keys: list[str]) -> int | None:
+    """The text width a LoRA file's UNet cross-attention key projection reads, from an open safetensors handle."""
+    k = next((k for k in keys if _XATTN_K_DOWN.search(k) and "text_encoder" not in k and "lora_te" not in k), None)
+    return int(f.get_slice(k).get_shape()[-1]) if k is not None else None
+
+
+def _check_architecture(pipe: Any, path: Path, keys: list[str], file_width: int | None) -> None:
     """Refuse, in one line naming both, a LoRA made for another architecture (an SDXL LoRA on SD 1.x, the reverse).
 
     The file's cross-attention key projections read the text width it was trained for (SD 1.x 768, SD 2.x 1024,
     SDXL 2048); a second text encoder's keys mark SDXL. Checked before diffusers loads anything, so the error
     names the architectures instead of a tensor shape deep in the UNet.
     """
-    from safetensors import safe_open
-
     from .conditioning import is_sdxl
 
     unet = getattr(pipe, "unet", None)
@@ -192,11 +196,6 @@ def _check_architecture(pipe: Any, path: Path, keys: list[str]) -> None:
     model_width = int(unet.config.cross_attention_dim)
     model_xl = is_sdxl(pipe)
     file_xl = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)
-    file_width = None
-    k_down = next((k for k in keys if _XATTN_K_DOWN.search(k) and "text_encoder" not in k and "lora_te" not in k), None)
-    if k_down is not None:
-        with safe_open(str(path), "pt") as f:
-            file_width = int(f.get_slice(k_down).get_shape()[-1])
     if file_width is None and not file_xl:
         return
 
@@ -228,12 +227,13 @@ def load_adapter(pipe: Any, path: str | Path, name: str, strict: bool = True) ->
     try:
         with safe_open(str(p), "pt") as f:
             keys = list(f.keys())
+            file_width = _xattn_width(f, keys)
     except Exception as e:  # any unreadable file is the same user error
         raise ConceptlockError(f"{p}: not a readable safetensors file ({_summarise(e)})") from None
     expected = sum(1 for k in keys if "lora" in k and k.endswith(".weight"))
     if expected == 0:
         raise ConceptlockError(f"{p}: holds no LoRA weights (no '*lora*.weight' keys)")
-    _check_architecture(pipe, p, keys)
+    _check_architecture(pipe, p, keys, file_width)
     try:
         with _quiet_diffusers():
             pipe.load_lora_weights(str(p), adapter_name=name)

@@ -196,11 +196,12 @@ def sld_generate(
     from .methods.base import Prediction
 
     sdxl = is_sdxl(pipe)
-    if sdxl and prompt_embeds is not None and prompt_embeds.shape[1] != pipe.tokenizer.model_max_length + 1:
-        raise ConceptlockError(
-            "SLD on SDXL takes prompts or packed conditioning (conceptlock.conditioning.encode), "
-            f"got prompt_embeds of shape {tuple(prompt_embeds.shape)}"
-        )
+    for what, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if sdxl and emb is not None and emb.shape[1] != pipe.tokenizer.model_max_length + 1:
+            raise ConceptlockError(
+                "SLD on SDXL takes prompts or packed conditioning (conceptlock.conditioning.encode), "
+                f"got {what} of shape {tuple(emb.shape)}"
+            )
     device = pipe._execution_device
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
