@@ -148,3 +148,51 @@ def test_unknown_prompt_set_and_concept_not_in_world():
         prompt_set(cfg, "explicit-gore")
     with pytest.raises(ValueError, match="unknown"):
         prompt_set(cfg, "nonsense")
+
+
+def test_hard_negative_swaps_only_the_object():
+    from conceptlock.world.toyclip import hard_negative
+
+    cfg = WorldConfig(profile="quick")
+    rng = np.random.default_rng(0)
+    exs = pretrain_examples(cfg, n=200) + domain_examples(cfg, "glyphs", 50)
+    for e in exs:
+        neg = hard_negative(e.caption, rng)
+        p, q = parse_caption(e.caption), parse_caption(neg)
+        kind = "glyph" if e.scene.domain == "glyphs" else "shape"
+        assert len(q[kind]) == 1 and q[kind] != p[kind], (e.caption, neg)
+        for key in ("colour", "size", "position", "background", "style", "explicit", "implicit"):
+            assert q[key] == p[key], (key, e.caption, neg)
+    assert hard_negative("a mosaic of tiles", rng) is None
+
+
+def test_hard_negatives_only_add_image_side_competitors():
+    """Negatives add columns to the image-to-text softmax, so that term (and the loss) strictly grows, and
+    the text-to-image term is untouched; a negative equal to a batch caption stays a positive."""
+    import torch
+
+    from conceptlock.world.toyclip import build_clip, contrastive_loss
+
+    cfg = WorldConfig(profile="quick")
+    exs = pretrain_examples(cfg, n=8)
+    tok = clip_tokenizer()
+    model = build_clip(32, hidden=32, seed=0).eval()
+    x = torch.from_numpy(np.stack([render(e.scene, 32) for e in exs])).permute(0, 3, 1, 2).float() / 255
+    texts = [e.caption for e in exs]
+    with torch.no_grad():
+        plain = contrastive_loss(model, tok, x, texts)
+        hard = contrastive_loss(model, tok, x, texts, np.random.default_rng(0))
+    assert hard > plain
+    # words that only the negatives use get a gradient through the negatives' columns, and none without them
+    from conceptlock.world.toyclip import hard_negative
+
+    rng = np.random.default_rng(0)
+    negs = [hard_negative(t, rng) for t in texts]
+    seen = {i for t in texts for i in tok(t).input_ids}
+    only_neg = sorted({i for t in negs for i in tok(t).input_ids} - seen)
+    assert only_neg
+    emb = model.text_model.embeddings.token_embedding.weight
+    for rng, expect in ((None, False), (np.random.default_rng(0), True)):
+        model.zero_grad()
+        contrastive_loss(model, tok, x, texts, rng).backward()
+        assert bool(emb.grad[only_neg].abs().sum(1).gt(0).all()) is expect

@@ -56,7 +56,7 @@ from .data import (
 from .judges import COLOUR_NAMES, OBJECTS, STYLE_CLASSES, Judges, save_judge, to_tensor, train_judge
 from .render import render
 from .tokenizer import clip_tokenizer
-from .toyclip import build_clip, image_features, train_clip
+from .toyclip import build_clip, image_features, train_clip, zero_shot_shape_accuracy
 
 WORLD_FORMAT = 1
 
@@ -326,6 +326,15 @@ def report_card(world: Path, cfg: WorldConfig, pipe: StableDiffusionPipeline | N
         card["judges"][f"attribute_accuracy_shape{suffix}"] = float(acc_shape)
         card["judges"][f"attribute_accuracy_colour{suffix}"] = float(acc_col)
     card["judges"]["n_heldout"] = len(held)
+    # the text encoder is the toy CLIP's text tower: if CLIP cannot tell shapes apart, neither can the base model
+    shaped = [i for i, e in enumerate(held) if e.scene.domain is None]
+    card["judges"]["toy_clip_zeroshot_shape"] = zero_shot_shape_accuracy(
+        clip,
+        pipe.tokenizer,
+        to_tensor(imgs[shaped]),
+        [held[i].scene.colour for i in shaped],
+        [held[i].scene.shape for i in shaped],
+    )
     # the base model
     target = cfg.concepts[0]
     for name in ["clean", f"explicit-{target}", f"implicit-{target}"] + [f"explicit-{c}" for c in cfg.concepts[1:]]:

@@ -44,7 +44,9 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_train: int = 24000  # unique pretraining scenes
     vae_steps: int = 900
-    clip_steps: int = 800
+    # toy CLIP with hard negatives (full world, seed 0, 1024 held-out renders): zero-shot shape accuracy 35% at
+    # 800 steps without them, 38% with them, 84% at 2400 steps with them (4 vision layers, 1200 steps: 69%)
+    clip_steps: int = 2400
     judge_steps: int = 600
     judge_batch: int = 128
     unet_steps: int = 2800
