@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=Path, required=True, help="a built world folder")
     ap.add_argument("--steps", default="2800,10000", help="comma-separated pretraining step counts")
+    ap.add_argument("--save", type=Path, default=None, help="also save each trained UNet as SAVE/unet-<steps>")
     args = ap.parse_args()
     meta = read_world(args.world)
     cfg = WorldConfig(**meta["config"])
@@ -61,6 +62,8 @@ def main() -> None:
             t0 = time.perf_counter()
             pipe.unet = train_unet(cfg, latents, captions, te, tok, steps, budget.unet_batch, budget.unet_lr)
             train_s = time.perf_counter() - t0
+            if args.save is not None:
+                pipe.unet.save_pretrained(str(args.save / f"unet-{steps}"), safe_serialization=True)
             bm = report_card(card_dir, cfg, pipe)["base_model"]
             target = cfg.concepts[0]
             clean, explicit = bm["clean"], bm[f"explicit-{target}"]
