@@ -159,7 +159,7 @@ def zero_shot_shape_accuracy(
     given) names the true shape: whether the toy CLIP, and so the base model's text encoder, tells shapes
     apart."""
     names = list(SHAPES)
-    img = F.normalize(torch.from_numpy(image_features(model, images01)), dim=-1)
+    img = torch.from_numpy(image_features(model, images01))  # both feature sets are already unit length
     prompts = [f"a {c} {s}" for c in colours for s in names]
     txt = torch.from_numpy(text_features(model, tokenizer, prompts)).view(len(colours), len(names), -1)
     pred = torch.einsum("nsd,nd->ns", txt, img).argmax(-1)
