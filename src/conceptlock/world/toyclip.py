@@ -160,7 +160,9 @@ def zero_shot_shape_accuracy(
     apart."""
     names = list(SHAPES)
     img = torch.from_numpy(image_features(model, images01))  # both feature sets are already unit length
-    prompts = [f"a {c} {s}" for c in colours for s in names]
-    txt = torch.from_numpy(text_features(model, tokenizer, prompts)).view(len(colours), len(names), -1)
-    pred = torch.einsum("nsd,nd->ns", txt, img).argmax(-1)
+    palette = sorted(set(colours))  # encode each distinct "a <colour> <shape>" once, not once per image
+    prompts = [f"a {c} {s}" for c in palette for s in names]
+    txt = torch.from_numpy(text_features(model, tokenizer, prompts)).view(len(palette), len(names), -1)
+    per_image = txt[torch.tensor([palette.index(c) for c in colours])]
+    pred = torch.einsum("nsd,nd->ns", per_image, img).argmax(-1)
     return float(np.mean([names[p] == s for p, s in zip(pred.tolist(), shapes, strict=True)]))
