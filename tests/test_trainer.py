@@ -172,19 +172,23 @@ def test_gradient_checkpointing_gives_the_same_result(tmp_path):
     assert max((out[0][n] - out[1][n]).abs().max().item() for n in out[0]) <= 1e-6
 
 
-def test_bf16_lora_run_keeps_adapter_in_fp32(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_lora_run_keeps_adapter_in_fp32(tmp_path, precision):
+    """fp16 on a CPU gets no autocast from accelerate, so fp32 latents meet fp16 weights: the UNet call must cast
+    its inputs to the frozen base's dtype, as diffusers' LoRA script does."""
     pipe = tiny_pipeline(0)
     r = train(
         pipe,
         "lora:task",
         get_objective("finetune"),
         _data(pipe, 2),
-        TrainConfig(steps=2, batch_size=2, lr=1e-3, mixed_precision="bf16"),
+        TrainConfig(steps=2, batch_size=2, lr=1e-3, mixed_precision=precision),
         tmp_path,
     )
     assert r.finished and r.loss is not None and torch.isfinite(torch.tensor(r.loss))
     params = dict(pipe.unet.named_parameters())
     assert all(params[n].dtype == torch.float32 for n in r.trainable)
+    assert pipe.unet.conv_in.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 SCRIPT = textwrap.dedent(

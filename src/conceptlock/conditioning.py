@@ -119,8 +119,22 @@ def hidden_states(unet: Any, emb: Tensor) -> Tensor:
     return unpack(unet, emb)[0]
 
 
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a UNet's frozen base weights (its first non-adapter parameter; adapters may stay fp32)."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            return p.dtype
+    return torch.float32
+
+
 def unet_forward(model: nn.Module, x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
-    """Call a (possibly DDP-wrapped) UNet on packed or plain conditioning; the raw prediction."""
+    """Call a (possibly DDP-wrapped) UNet on packed or plain conditioning; the raw prediction.
+
+    Inputs are cast to the frozen base weights' dtype, as diffusers' training scripts cast latents to
+    `weight_dtype`: autocast does it on a GPU, but accelerate gives no fp16 autocast on a CPU. The cast is
+    differentiable, so a loss that back-propagates into `x` (LCFD) keeps its gradient."""
+    wdt = base_dtype(model)
+    x, emb = x.to(wdt), emb.to(wdt)
     ehs, added = unpack(model, emb)
     if added is None:
         return model(x, t, encoder_hidden_states=ehs, return_dict=False)[0]
