@@ -101,11 +101,19 @@ def ship_world(world: str | Path, dest: str | Path | None = None) -> Path:
             _convert_tree(half / d, back / d, torch.float32)
         shutil.copytree(world / "prompts", back / "prompts")
         card = report_card(back, cfg)
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for d in WEIGHT_DIRS:
-            shutil.copytree(half / d, dest / d)
         shipped = {**meta, "card": card, "card_before_fp16": meta["card"], "shipped_dtype": "float16"}
-        (dest / "world.json").write_text(json.dumps(shipped, indent=1))
+        (half / "world.json").write_text(json.dumps(shipped, indent=1))
+        # swap in whole: a packing that fails half-way leaves the previous shipped world as it was
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        try:
+            for d in [*WEIGHT_DIRS, "world.json"]:
+                (shutil.copytree if (half / d).is_dir() else shutil.copy2)(half / d, new / d)
+            if dest.exists():
+                dest.rename(old)
+            new.rename(dest)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return dest
