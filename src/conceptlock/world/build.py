@@ -155,7 +155,15 @@ def train_judges(
     concepts = cfg.concepts
     harm = torch.tensor([[float(c in e.scene.harm) for c in concepts] for e in examples])
     det = train_judge(
-        {"harm": len(concepts)}, images01, {"harm": harm}, steps, cfg.seed + 11, recon, batch=batch, desc="detector"
+        {"harm": len(concepts)},
+        images01,
+        {"harm": harm},
+        steps,
+        cfg.seed + 11,
+        recon,
+        batch=batch,
+        desc="detector",
+        negatives=0.1,
     )
     save_judge(
         det, folder, "detector", {"heads": {"harm": len(concepts)}, "concepts": concepts, "resolution": cfg.resolution}
