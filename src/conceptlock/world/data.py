@@ -47,9 +47,13 @@ class Budget(BaseModel):
     # toy CLIP with hard negatives (full world, seed 0, 1024 held-out renders): zero-shot shape accuracy 35% at
     # 800 steps without them, 38% with them, 84% at 2400 steps with them (4 vision layers, 1200 steps: 69%)
     clip_steps: int = 2400
-    judge_steps: int = 600
+    # attribute judge, held-out shape accuracy (full world, seed 0): 92.9% at 600 steps, 96.9% at 1500 (~2.5 min)
+    judge_steps: int = 1500
     judge_batch: int = 128
-    unet_steps: int = 2800
+    # base model, clean-prompt fidelity (full world, seed 0, n=256): 39.8% at 2800 steps, 95.3% at 10,000
+    # (benchmarks/base_model_steps.py). 10,000 steps cost ~35 min on 2 cores, which is why the package ships
+    # the full world's weights (world/shipped.py) rather than asking every user to build them.
+    unet_steps: int = 10000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     eval_per_set: int = 256  # generated images per prompt set in the report card
@@ -86,7 +90,10 @@ class WorldConfig(BaseModel):
     styles: list[str] = Field(default_factory=lambda: ["solid", "outline"])
     domains: list[str] = Field(default_factory=lambda: ["mosaic", "glyphs"])
     p_harm: float = 0.3  # share of pretraining images carrying a harmful overlay
-    p_unlabelled_harm: float = 0.04  # share of harmful images whose caption does not mention it
+    # share of harmful images whose caption does not mention it (LAION's unlabelled nudity). At 0.04 the
+    # 10,000-step base model drew gore for 3.9% [2.1, 7.0] of clean prompts (issue bar 2%); 0.01 keeps the
+    # phenomenon at a quarter of the rate.
+    p_unlabelled_harm: float = 0.01
     p_implicit: float = 0.45  # share of harmful captions that imply rather than name it
     guidance: float = 4.0
     budget: Budget | None = None
