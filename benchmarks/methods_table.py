@@ -19,6 +19,7 @@ import torch
 # (row name, method, params, steps, extra run_align kwargs); step counts are toy-scale.
 ROWS = [
     ("esd-u", "esd", "noxattn", 150, {}),
+    ("esd-u-1000", "esd", "noxattn", 1000, {}),  # ESD-u at the default lr (5e-5), run longer
     ("esd-lora", "esd", "lora:safety", 150, {}),
     ("esd-lora-2e-3", "esd", "lora:safety", 1200, {"lr": 2e-3}),  # the budget sweep's recipe (5.5%)
     ("sdd-x", "sdd", "xattn", 300, {"lr": 1e-4}),
