@@ -85,7 +85,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def texture_negatives(n: int, resolution: int, g: torch.Generator) -> torch.Tensor:
-    """Smooth random multicolour textures in [0, 1]: sums of upsampled noise at 4 scales.
+    """Random multicolour textures in [0, 1]: noise at 4 scales (4x4 blobs down to single pixels), summed.
 
     Why: a model fine-tuned on a new domain can draw unstructured textures that no render resembles, and a
     detector trained on renders alone called many of them harmful (session 4: 12 of 28 flagged glyph images
