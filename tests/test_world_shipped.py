@@ -42,3 +42,24 @@ def test_no_shipped_weights_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(shipped, "shipped_dir", lambda: tmp_path / "none")
     with pytest.raises(ConceptlockError, match="world build"):
         shipped.materialise(tmp_path / "w", log=lambda *a: None)
+
+
+def test_reshipping_swaps_the_folder_in_whole_and_a_failure_keeps_the_old_one(micro_world, tmp_path, monkeypatch):
+    import conceptlock.world.build as build
+
+    dest = tmp_path / "pkg" / "shipped"
+    monkeypatch.setattr(build, "report_card", lambda world, cfg: {"run": 1})
+    shipped.ship_world(micro_world, dest)
+    (dest / "stale.txt").write_text("from an older packing")
+    monkeypatch.setattr(build, "report_card", lambda world, cfg: {"run": 2})
+    shipped.ship_world(micro_world, dest)
+    assert read_world(dest)["card"] == {"run": 2} and not (dest / "stale.txt").exists()
+
+    def broken(world, cfg):
+        raise RuntimeError("judging failed")
+
+    monkeypatch.setattr(build, "report_card", broken)
+    with pytest.raises(RuntimeError, match="judging failed"):
+        shipped.ship_world(micro_world, dest)
+    assert read_world(dest)["card"] == {"run": 2}  # the last good packing, untouched
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["shipped"]  # no temp folders left
