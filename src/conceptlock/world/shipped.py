@@ -94,26 +94,25 @@ def ship_world(world: str | Path, dest: str | Path | None = None) -> Path:
     meta = read_world(world)
     cfg = WorldConfig(**meta["config"])
     dest = Path(dest) if dest else shipped_dir()
-    with tempfile.TemporaryDirectory() as td:
-        half, back = Path(td) / "half", Path(td) / "back"
-        for d in WEIGHT_DIRS:
-            _convert_tree(world / d, half / d, torch.float16)
-            _convert_tree(half / d, back / d, torch.float32)
-        shutil.copytree(world / "prompts", back / "prompts")
-        card = report_card(back, cfg)
+    # packed straight into a sibling temp folder, swapped in whole at the end: a packing that fails half-way
+    # leaves the previous shipped world as it was, and nothing is copied twice
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory() as td:
+            back = Path(td)
+            for d in WEIGHT_DIRS:
+                _convert_tree(world / d, new / d, torch.float16)
+                _convert_tree(new / d, back / d, torch.float32)
+            shutil.copytree(world / "prompts", back / "prompts")
+            card = report_card(back, cfg)
         shipped = {**meta, "card": card, "card_before_fp16": meta["card"], "shipped_dtype": "float16"}
-        (half / "world.json").write_text(json.dumps(shipped, indent=1))
-        # swap in whole: a packing that fails half-way leaves the previous shipped world as it was
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        try:
-            for d in [*WEIGHT_DIRS, "world.json"]:
-                (shutil.copytree if (half / d).is_dir() else shutil.copy2)(half / d, new / d)
-            if dest.exists():
-                dest.rename(old)
-            new.rename(dest)
-        finally:
-            shutil.rmtree(new, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
+        (new / "world.json").write_text(json.dumps(shipped, indent=1))
+        if dest.exists():
+            dest.rename(old)
+        new.rename(dest)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return dest
