@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import textwrap
 
 import pytest
@@ -381,6 +382,39 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path, micro_world, monke
     _, status = run(tmp_path / "b")
     assert {k for k, v in status.items() if v == "ran"} == {"report"}
     assert _numbers(tmp_path / "a") == _numbers(tmp_path / "b")
+
+
+def test_parallel_stages_give_the_sequential_numbers_and_resume(tmp_path, micro_world, monkeypatch):
+    """--jobs 2 runs stages in two one-thread worker processes; with one thread here too, the numbers must match."""
+    exp = load_experiment(_tiny(tmp_path))
+    seq = plan_experiment(exp, tmp_path / "a", world=micro_world)
+    run_plan(seq, progress=False)
+    par = plan_experiment(exp, tmp_path / "p", world=micro_world)
+    [status] = R.run_plans([par], jobs=2, progress=False)
+    assert set(status.values()) == {"ran"} and set(status) == {s.id for s in par.stages}
+    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "tiny" / "experiment.json").read_text())["status"] == "done"
+    # every stage waited for what it needs: no stage started before one of its dependencies finished
+    rec = {s.id: json.loads((s.folder / "stage.json").read_text()) for s in par.stages}
+    for s in par.stages:
+        for d in s.deps:
+            assert rec[d]["finished"] <= rec[s.id]["started"], (d, s.id)
+    # a stage that fails stops the run with its error, keeps what finished, and a rerun does only the rest
+    shutil.rmtree(par.stage("attack/mod").folder)
+    shutil.rmtree(par.stage("eval/esd-lora").folder)
+    broken = tmp_path / "broken"  # passes planning (a folder), fails in its stage (a row names a missing image)
+    broken.mkdir()
+    (broken / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "a picture"}\n')
+    bad = tmp_path / "tiny-bad.toml"
+    bad.write_text(TINY.replace('data = "toy:malicious-gore"', f'data = "{broken}"', 1))
+    with pytest.raises(ConceptlockError):
+        R.run_plans([plan_experiment(load_experiment(bad), tmp_path / "q", world=micro_world)], jobs=2, progress=False)
+    assert json.loads((tmp_path / "q" / "tiny" / "experiment.json").read_text())["status"] == "interrupted"
+    [status] = R.run_plans([plan_experiment(exp, tmp_path / "p", world=micro_world)], jobs=2, progress=False)
+    assert {k for k, v in status.items() if v == "ran"} == {"attack/mod", "eval/esd-lora", "report"}
+    assert _numbers(tmp_path / "a") == _numbers(tmp_path / "p")
+    with pytest.raises(ConceptlockError, match="--jobs 0"):
+        R.run_plans([par], jobs=0)
 
 
 def test_a_changed_entry_reruns_only_what_depends_on_it(tmp_path, micro_world):
