@@ -241,7 +241,7 @@ def test_every_bundled_experiment_dry_runs_offline_without_loading_weights(tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     names = bundled_experiments()
     assert {"paper-a", "paper-b", "paper-b-sd14", "paper-a-sd15", "paper-b-sdxl"} <= set(names)
-    for profile in ("quick", "full"):
+    for profile in ("quick", "full", "complete"):
         plans = run_experiment(
             names, profile, tmp_path / "out", world=tmp_path / "no-world", dry_run=True, progress=False
         )

@@ -83,7 +83,11 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Argument(help="bundled experiment names or TOML paths [default: paper-a paper-b]")
         ] = None,
         profile: Annotated[
-            str, typer.Option(help="quick (CI-sized plumbing check) or full (the measurement)")
+            str,
+            typer.Option(
+                help="quick (CI-sized plumbing check, ~4 min), full (the measurement, ~20 min with --jobs 2) or "
+                "complete (every row of the files at their larger budgets: hours)"
+            ),
         ] = "full",
         out: Annotated[Path | None, typer.Option(help="output folder [default: runs/reproduce-PROFILE]")] = None,
         world: Annotated[

@@ -55,7 +55,8 @@ An experiment file::
     model = "esd"
     prompts = "toy:explicit-gore"
 
-    [profiles.quick]                 # per-profile overrides, applied on top of the file (the file is "full")
+    [profiles.quick]                 # per-profile overrides, applied on top of the file (the file as written
+                                     # is profile "complete"; [profiles.full] trims it to the 20-minute run)
     exclude = ["sdd"]                # entries left out (entries that need them are left out too); or
                                      # only = [ids]: keep just these
     eval = { limit = 16 }            # partial [eval]
@@ -81,6 +82,7 @@ from ..errors import ConceptlockError
 
 __all__ = [
     "PROFILES",
+    "WORLD_PROFILE",
     "AlignSpec",
     "AttackSpec",
     "BaselineSpec",
@@ -97,7 +99,9 @@ __all__ = [
     "load_experiment",
 ]
 
-PROFILES = ("quick", "full")
+PROFILES = ("quick", "full", "complete")
+# The toy world each profile runs on: `complete` (the file as written, hours) shares the full profile's world.
+WORLD_PROFILE = {"quick": "quick", "full": "full", "complete": "full"}
 ALIGN_METHODS = ("esd", "sdd", "lcfd-lt", "lcfd-ng", "lcfd-high", "uce")
 TRAINING_FREE = ("uce",)
 PARAM_GROUPS = ("full", "xattn", "noxattn", "xattn-kv")  # conceptlock.train.params.GROUPS (kept import-light)
@@ -394,7 +398,7 @@ class Experiment(_Base):
     compose: list[ComposeSpec] = Field(default_factory=list)
     attacks: list[AttackSpec] = Field(default_factory=list)
     prompt_attacks: list[PromptAttackSpec] = Field(default_factory=list)
-    profiles: dict[Literal["quick", "full"], ProfileOverride] = Field(default_factory=dict)
+    profiles: dict[Literal["quick", "full", "complete"], ProfileOverride] = Field(default_factory=dict)
 
     # filled by load_experiment (not TOML keys)
     _source: str = PrivateAttr(default="")

@@ -1220,6 +1220,13 @@ def _section(doc: _Doc, plan: Any, summary: dict[str, Any], level: int = 1) -> N
             "not a measurement; run --profile full for the tables that decide the claims.",
             "note",
         )
+    elif exp.profile == "full":
+        doc.para(
+            "Full profile: the shipped full world with budgets trimmed to about 20 minutes on a 2-core CPU (fewer "
+            "prompts per set, shorter schedules, a subset of the rows; see the file's [profiles.full]). "
+            "--profile complete runs the file as written: every row at the larger budgets, in hours.",
+            "note",
+        )
 
     claims = claims_for(summary, root)
     if claims:

@@ -45,7 +45,7 @@ from typing import Any
 
 from ..errors import ConceptlockError
 from ..io import atomic_write_text as _atomic_write
-from .config import Experiment, load_experiment
+from .config import WORLD_PROFILE, Experiment, load_experiment
 
 __all__ = [
     "Plan",
@@ -287,9 +287,10 @@ def plan_experiment(
         from ..world.build import default_world_dir
         from ..world.data import WorldConfig
 
-        world_dir = Path(world) if world is not None else default_world_dir(exp.profile)
+        wprofile = WORLD_PROFILE[exp.profile]
+        world_dir = Path(world) if world is not None else default_world_dir(wprofile)
         explicit = world is not None
-        cfg = WorldConfig(profile=exp.profile, seed=exp.model.world_seed)  # type: ignore[arg-type]
+        cfg = WorldConfig(profile=wprofile, seed=exp.model.world_seed)  # type: ignore[arg-type]
         wkey = cfg.config_hash()
         if (world_dir / "world.json").is_file() and explicit:
             from ..world.build import read_world
@@ -1076,10 +1077,10 @@ def run_plan(plan: Plan, log: Callable[[str], None] | None = None, progress: boo
 # Why processes, and one thread each: on a small CPU the toy world's training stages barely use a second thread
 # (an ESD step: 0.40 s on two threads, 0.46 s on one), so two one-thread workers do about twice the work of one
 # two-thread process. Stages of every experiment share one queue; a stage starts once the stages it needs are done,
-# those that unblock the most others first. Each stage still writes its own folder and stage.json, so resuming,
-# skipping and the report work exactly as in `run_plan`. Numbers of a stage depend on its thread count (float
-# summation order), so a stage run with --jobs 2 can differ in the last digits from the same stage run with --jobs 1;
-# within one setting a run is reproducible, killed or not.
+# those that head the costliest chain of dependent stages first. Each stage still writes its own folder and
+# stage.json, so resuming, skipping and the report work exactly as in `run_plan`. A stage's numbers depend on its
+# thread count (float summation order), so a stage run with --jobs 2 can differ in the last digits from the same stage
+# run with --jobs 1; within one setting a run is reproducible, killed or not.
 
 
 def _worker_init(threads: int) -> None:
@@ -1099,15 +1100,22 @@ def _worker_run(plan: Plan, stage_id: str) -> float:
     return _run_stage(Context(plan, say, False), plan.stage(stage_id))
 
 
-def _dependents(plans: Sequence[Plan]) -> dict[tuple[int, str], int]:
-    """How many stages (transitively) wait on each stage: the scheduler's priority."""
-    out: dict[tuple[int, str], int] = {}
+# Rough relative cost of a stage by kind (toy world, full profile: an alignment or a curve ~20-250 s, an evaluation
+# ~10 s): only the order of the queue depends on it, never a result.
+_KIND_COST = {"align": 6.0, "attack": 6.0, "prompt-attack": 3.0, "attack-eval": 2.0, "eval": 1.0, "compose": 0.1}
+
+
+def _critical_path(plans: Sequence[Plan]) -> dict[tuple[int, str], float]:
+    """Each stage's priority: its cost plus the costliest chain of stages waiting on it (critical path first)."""
+    out: dict[tuple[int, str], float] = {}
     for i, plan in enumerate(plans):
-        below: dict[str, set[str]] = {s.id: set() for s in plan.stages}
-        for s in reversed(plan.stages):  # topological order reversed: a stage's dependents are complete here
+        children: dict[str, list[str]] = {s.id: [] for s in plan.stages}
+        for s in plan.stages:
             for d in s.deps:
-                below.setdefault(d, set()).update({s.id} | below[s.id])
-        out.update({(i, sid): len(v) for sid, v in below.items()})
+                children.setdefault(d, []).append(s.id)
+        for s in reversed(plan.stages):  # topological order reversed: a stage's dependents are scored already
+            below = [out[(i, c)] for c in children[s.id] if c != "report"]
+            out[(i, s.id)] = _KIND_COST.get(s.kind, 0.0) + max(below, default=0.0)
     return out
 
 
@@ -1140,7 +1148,7 @@ def run_plans(
     status: list[dict[str, str]] = [{} for _ in plans]
     done: set[tuple[int, str]] = set()
     pending: list[tuple[int, Stage]] = []
-    prio = _dependents(plans)
+    prio = _critical_path(plans)
     bar = tqdm(total=sum(len(p.stages) for p in plans), desc="reproduce", unit="stage", disable=not progress)
     try:
         for i, plan in enumerate(plans):
