@@ -247,6 +247,8 @@ def test_every_bundled_experiment_dry_runs_offline_without_loading_weights(tmp_p
         )
         assert not (tmp_path / "out").exists()  # nothing written
         by = {p.experiment.name: p for p in plans}
+        # the complete profile runs on the full profile's world (worlds come in quick and full only)
+        assert by["paper-b"].stage("world").spec["profile"] == {"quick": "quick"}.get(profile, "full")
         sd14 = by["paper-b-sd14"]
         assert sd14.experiment.model.base == "CompVis/stable-diffusion-v1-4"
         assert sd14.world is None and "world" not in [s.id for s in sd14.stages]

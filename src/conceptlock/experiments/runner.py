@@ -305,7 +305,7 @@ def plan_experiment(
                 {
                     "folder": str(world_dir),
                     "explicit": explicit,
-                    "profile": exp.profile,
+                    "profile": wprofile,
                     "seed": exp.model.world_seed,
                     "config_hash": wkey,
                 },
