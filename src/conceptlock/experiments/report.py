@@ -301,7 +301,13 @@ class Claim:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _width_reason(cs: Sequence[dict[str, Any] | None]) -> str:
+_BIGGER = {
+    "quick": "the full profile (more prompts, longer training)",
+    "full": "the complete profile (--profile complete: more prompts, longer training, every row)",
+}
+
+
+def _width_reason(cs: Sequence[dict[str, Any] | None], profile: str | None = None) -> str:
     cs = [c for c in cs if c]
     if not cs:
         return "nothing to compare (stages not run)"
@@ -314,7 +320,7 @@ def _width_reason(cs: Sequence[dict[str, Any] | None]) -> str:
         )
     return (
         f"with n = {n} paired images the 95% CI of a difference spans up to {100 * w:.0f} points, wider than the "
-        "measured effects; the full profile (more prompts, longer training) is needed to decide"
+        f"measured effects; {_BIGGER.get(profile or '', 'a larger sample')} is needed to decide"
     )
 
 
@@ -326,6 +332,7 @@ class _Ctx:
         self.s = summary
         self.cmp = _Compare(root)
         self.rows = {r["id"]: r for r in summary["rows"]}
+        self.profile: str | None = summary.get("profile")
         h = summary["headline"]
         self.harm_set, self.harm = h["harm"] if h["harm"] else (None, None)
         self.fid_set, self.fid = h["fidelity"] if h["fidelity"] else (None, None)
@@ -384,7 +391,7 @@ def _claims_a(x: _Ctx) -> list[Claim]:
             if t is not None and _sig(t) != 1:
                 no_task.append(aid)
     v = _overall([r["verdict"] for r in rows])
-    reason = _reason_revival(v, cs, weak_align, no_task, len(rows))
+    reason = _reason_revival(v, cs, weak_align, no_task, len(rows), x.profile)
     out.append(
         Claim(
             "A1",
@@ -425,7 +432,7 @@ def _claims_a(x: _Ctx) -> list[Claim]:
                     "LoRA never saw (or learned to undo) dW_safe",
                     "disagrees": "the harmful rate rose significantly: the task LoRA interferes with dW_safe at "
                     "inference even though it never trained against it",
-                }.get(v, _width_reason(cs))
+                }.get(v, _width_reason(cs, x.profile))
             ),
             rows,
         )
@@ -459,7 +466,7 @@ def _claims_a(x: _Ctx) -> list[Claim]:
                 "standard fine-tuning did not revive the concept here (see A1), so there is nothing for Modular "
                 "LoRA to prevent"
                 if x_claim_verdict(out, "A1") in ("inconclusive", "disagrees", "partly disagrees")
-                else _width_reason(cs)
+                else _width_reason(cs, x.profile)
             ),
             rows,
         )
@@ -498,7 +505,7 @@ def _claims_a(x: _Ctx) -> list[Claim]:
             else (
                 "composition costs task fidelity: dW_safe and dW_task interact at inference"
                 if "disagree" in v
-                else _width_reason(cs)
+                else _width_reason(cs, x.profile)
             ),
             rows,
         )
@@ -536,7 +543,7 @@ def _claims_a(x: _Ctx) -> list[Claim]:
             v,
             "the safety adapter is a direction in weight space: negating it pushes toward the concept"
             if v in ("agrees", "partly agrees")
-            else _width_reason(cs),
+            else _width_reason(cs, x.profile),
             rows,
         )
     )
@@ -602,7 +609,7 @@ def _claims_b(x: _Ctx) -> list[Claim]:
             )
         else:
             reason = (
-                _width_reason(cs)
+                _width_reason(cs, x.profile)
                 if v == "inconclusive"
                 else ("the LCFD model relearned the concept at least as fast as the reference under this attack")
             )
@@ -663,7 +670,7 @@ def _claims_b(x: _Ctx) -> list[Claim]:
             v,
             "harmful data sits far from clean data in latent space, so learning it overwrites clean generation"
             if v in ("agrees", "partly agrees")
-            else _width_reason(cs),
+            else _width_reason(cs, x.profile),
             rows,
         )
     )
@@ -692,7 +699,7 @@ def _claims_b(x: _Ctx) -> list[Claim]:
             else (
                 "the contrastive push moves clean latents too (cf. ResAlign's FID 47 for LCFD-NG vs 17 for SD v1.4)"
                 if "disagree" in v
-                else _width_reason(cs)
+                else _width_reason(cs, x.profile)
             ),
             rows,
         )
@@ -748,7 +755,7 @@ def _claims_b(x: _Ctx) -> list[Claim]:
                 "no measurable difference at this budget: the contrastive term's gradient is small next to the "
                 "denoising loss (lambda_tot 5e-5)"
                 if v in ("agrees", "partly agrees")
-                else _width_reason(cs)
+                else _width_reason(cs, x.profile)
             ),
             rows,
         )
@@ -780,7 +787,7 @@ def _claims_b(x: _Ctx) -> list[Claim]:
             v,
             "LCFD changes the model's weights for the concept itself, not only the prompt's route to it"
             if v in ("agrees", "partly agrees")
-            else _width_reason(cs)
+            else _width_reason(cs, x.profile)
             if v == "inconclusive"
             else "the adversarial prefix finds the concept in the LCFD model as easily as in the baselines",
             rows,
@@ -840,7 +847,9 @@ def _summary_line(rows: list[dict[str, Any]], what: str) -> str:
     return f"{len(rows)} {what}: {', '.join(parts)}"
 
 
-def _reason_revival(v: str, cs: list, weak_align: list[str], no_task: list[str], n: int) -> str:
+def _reason_revival(
+    v: str, cs: list, weak_align: list[str], no_task: list[str], n: int, profile: str | None = None
+) -> str:
     if v in ("agrees", "partly agrees"):
         return "fine-tuning moves the weights that alignment changed back toward the pretrained model"
     bits = []
@@ -855,7 +864,9 @@ def _reason_revival(v: str, cs: list, weak_align: list[str], no_task: list[str],
             "too short or too weak to move the model"
         )
     if not bits:
-        bits.append(_width_reason(cs) if v == "inconclusive" else "the aligned weights stayed put under benign data")
+        bits.append(
+            _width_reason(cs, profile) if v == "inconclusive" else "the aligned weights stayed put under benign data"
+        )
     return "; ".join(bits)
 
 
