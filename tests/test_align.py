@@ -83,6 +83,33 @@ def test_esd_lora_from_folder_writes_vanilla_adapter(tmp_path):
     load_adapter(pipe, res.artifact, "safety")
 
 
+def test_safety_lora_targets_restrict_the_adapter_to_those_modules(tmp_path):
+    """A cross-attention-only safety LoRA (ESD-x style): every adapter tensor sits in attn2, and the file loads."""
+    from safetensors.torch import load_file
+
+    save_pipeline(tiny_pipeline(0), tmp_path / "base")
+    targets = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+    res = run_align(
+        "esd",
+        tmp_path / "base",
+        ["fire"],
+        tmp_path / "esd",
+        params="lora:safety",
+        steps=1,
+        targets=targets,
+        objective_kwargs={"ddim_steps": 2},
+    )
+    assert res.config["lora"]["targets"] == targets
+    keys = list(load_file(res.artifact))
+    assert keys and all(".attn2." in k for k in keys)
+    assert {k.split(".attn2.")[1].split(".lora")[0] for k in keys} == {"to_q", "to_k", "to_v", "to_out.0"}
+    load_adapter(tiny_pipeline(0), res.artifact, "safety")
+    with pytest.raises(ConceptlockError, match="match"):
+        run_align(
+            "esd", tmp_path / "base", ["fire"], tmp_path / "esd2", params="lora:safety", steps=1, targets=["attn9.to_q"]
+        )
+
+
 def test_align_errors_are_one_line(tmp_path):
     base = tiny_pipeline(0)
     for kwargs, match in [

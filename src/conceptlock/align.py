@@ -23,6 +23,7 @@ A LoRA run (`--params lora:NAME`) defaults to lr 1e-4 (the diffusers LoRA recipe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def run_align(
     grad_accum: int | None = None,
     rank: int = 4,
     alpha: float | None = None,
+    targets: Sequence[str] | None = None,
     resolution: int | None = None,
     objective_kwargs: dict[str, Any] | None = None,
     train_kwargs: dict[str, Any] | None = None,
@@ -140,7 +142,7 @@ def run_align(
     out = Path(out)
     if (out / "config.json").exists() and not (resume or overwrite):
         raise ConceptlockError(f"{out}: already holds an alignment run (pass --resume to continue or --overwrite)")
-    spec = parse_params(params or d.params, rank=rank, alpha=alpha)
+    spec = parse_params(params or d.params, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None)
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
 
     if world is None and isinstance(model, str | Path):

@@ -54,6 +54,12 @@ def register(app: typer.Typer) -> None:
         grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation micro-steps."),
         rank: int = typer.Option(4, "--rank", help="LoRA rank."),
         alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: the rank)."),
+        lora_targets: str | None = typer.Option(
+            None,
+            "--lora-targets",
+            help="Comma-separated module names the LoRA wraps (default to_q,to_k,to_v,to_out.0); "
+            "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 keeps it to cross-attention.",
+        ),
         eta: float | None = typer.Option(None, "--eta", help="ESD negative-guidance strength."),
         lambda_tot: float | None = typer.Option(None, "--lambda-tot", help="LCFD contrastive weight."),
         guide: str | None = typer.Option(None, "--guide", help="UCE: text the concept is mapped to (default: '')."),
@@ -101,6 +107,7 @@ def register(app: typer.Typer) -> None:
             grad_accum=grad_accum,
             rank=rank,
             alpha=alpha,
+            targets=[t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
             objective_kwargs=okw,
             train_kwargs=trainer_flags(
                 mixed_precision, checkpoint_every, gradient_checkpointing, cache_latents, use_8bit_adam
