@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--limit", type=int, default=128)
+    ap.add_argument("--task-targets", default=None, help="comma-separated modules of the task LoRA (default: peft's)")
     args = ap.parse_args()
     w, out = args.world, args.out
     concepts = read_world(w)["config"]["concepts"]
@@ -80,6 +81,7 @@ def main() -> None:
                 steps=args.steps,
                 lr=args.lr,
                 batch_size=args.batch,
+                targets=args.task_targets.split(",") if args.task_targets else None,
                 world=w,
             )
         models[f"{mode} LoRA ({args.steps} steps)"] = [f"safety={safety}", f"task={run / 'task.safetensors'}"]
