@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="quick (CI-sized plumbing check, ~4 min), full (the measurement, ~20 min with --jobs 2) or "
-                "complete (every row of the files at their larger budgets: hours)"
+                "complete (every row of the files at their larger budgets; paper-b alone: 43 min with --jobs 2)"
             ),
         ] = "full",
         out: Annotated[Path | None, typer.Option(help="output folder [default: runs/reproduce-PROFILE]")] = None,

@@ -1235,7 +1235,7 @@ def _section(doc: _Doc, plan: Any, summary: dict[str, Any], level: int = 1) -> N
         doc.para(
             "Full profile: the shipped full world with budgets trimmed to about 20 minutes on a 2-core CPU (fewer "
             "prompts per set, shorter schedules, a subset of the rows; see the file's [profiles.full]). "
-            "--profile complete runs the file as written: every row at the larger budgets, in hours.",
+            "--profile complete runs the file as written: every row at the larger budgets (paper-b: 43 min).",
             "note",
         )
 
