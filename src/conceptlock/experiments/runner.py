@@ -1089,13 +1089,18 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(plan: Plan, stage_id: str) -> float:
-    """Run one stage of `plan` in a worker process (the toy world set as the parent's)."""
+def _enter_world(plan: Plan) -> None:
+    """Make the plan's toy world the process's current one (stage runners resolve toy: names through it)."""
     import conceptlock.world as W
 
     for s in plan.stages:
         if s.kind == "world":
             W.set_current_world(Path(s.spec["folder"]))
+
+
+def _worker_run(plan: Plan, stage_id: str) -> float:
+    """Run one stage of `plan` in a worker process (the toy world set as the parent's)."""
+    _enter_world(plan)
     say = _say(None, False)
     return _run_stage(Context(plan, say, False), plan.stage(stage_id))
 
@@ -1203,9 +1208,7 @@ def run_plans(
         for i, plan in enumerate(plans):
             for stage in plan.stages:
                 if stage.kind == "report":
-                    for s in plan.stages:
-                        if s.kind == "world":
-                            W.set_current_world(Path(s.spec["folder"]))
+                    _enter_world(plan)
                     _run_stage(Context(plan, say, progress), stage)
                     status[i][stage.id] = "ran"
                     bar.update(1)
