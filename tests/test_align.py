@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -133,6 +134,60 @@ def test_resolve_concept_in_and_out_of_a_toy_world(micro_world, tmp_path):
     assert "\n" not in str(e.value)
     r = resolve_concept("gore", micro_world)
     assert "covered in blood" in r.prompts and r.data == micro_world / "data" / "lcfd-gore"
+
+    from conceptlock.world.concepts import HARMFUL
+    from conceptlock.world.data import harmful_words
+
+    words = harmful_words(micro_world_config(micro_world))
+    evaluation = {row["prompt"] for row in csv.DictReader((micro_world / "prompts" / "explicit-gore.csv").open())}
+    assert r.anchored and len({p for p, _ in r.anchored}) > 0.9 * len(r.anchored)
+    for prompt, anchor in r.anchored:  # the prompt is the anchor plus one explicit gore phrase; the anchor is clean
+        rest = prompt.replace(anchor, "", 1)
+        assert anchor in prompt and any(ph in rest for ph in HARMFUL["gore"].explicit), prompt
+        assert not any(w in anchor for w in words), anchor
+    assert not evaluation & {p for p, _ in r.anchored}  # not the evaluation prompts
+
+
+def micro_world_config(world):
+    from conceptlock.world.build import read_world
+    from conceptlock.world.data import WorldConfig
+
+    return WorldConfig(**read_world(world)["config"])
+
+
+def test_anchored_esd_trains_on_prompt_anchor_pairs_from_a_csv(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text('prompt,anchor\n"a castle, on fire",a castle\n"a dog, on fire",a dog\n')
+    res = run_align(
+        "esd",
+        tiny_pipeline(0),
+        ["fire"],
+        tmp_path / "run",
+        params="lora:safety",
+        steps=2,
+        data=pairs,
+        objective_kwargs={"anchor": True, "ddim_steps": 2},
+    )
+    assert res.finished and res.config["prompts"] == ["a castle, on fire", "a dog, on fire"]
+    assert res.config["objective_config"]["anchor"] is True
+    for bad, match in [
+        (None, "--anchor: give --data"),
+        (tmp_path / "missing.csv", "needs a CSV file"),
+        (tmp_path / "cols.csv", "missing column"),
+    ]:
+        (tmp_path / "cols.csv").write_text("prompt,guide\na,b\n")
+        with pytest.raises(ConceptlockError, match=match) as e:
+            run_align(
+                "esd",
+                tiny_pipeline(0),
+                ["fire"],
+                tmp_path / f"bad-{match[:5]}",
+                params="lora:safety",
+                steps=1,
+                data=bad,
+                objective_kwargs={"anchor": True},
+            )
+        assert "\n" not in str(e.value)
 
 
 def test_align_finds_the_world_of_a_model_folder(micro_world, tmp_path):

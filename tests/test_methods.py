@@ -169,6 +169,37 @@ def test_esd_loss_equals_manual_computation_and_teacher_is_frozen(spec, kind):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ctx.trainable[:4])
 
 
+def test_anchored_esd_regresses_towards_the_anchor_prompt_not_the_empty_one():
+    """target = eps_0(x_t, a) - eta (eps_0(x_t, c) - eps_0(x_t, a)); x_t still sampled with CFG against ''."""
+    pipe = _tiny()
+    original = _tiny().unet
+    ctx = _ctx(pipe, "lora:safety")
+    obj = get_objective("esd", eta=1.5, ddim_steps=4, anchor=True)
+    assert "anchor_ids" in obj.needs
+    obj.prepare(pipe, ctx)
+    with torch.no_grad():
+        for _, p in ctx.trainable:
+            p.add_(0.05 * torch.randn(p.shape, generator=G))
+    ids, aids = tokenize(pipe.tokenizer, ["a red circle, on fire"]), tokenize(pipe.tokenizer, ["a red circle"])
+    loss, _ = obj.loss({"input_ids": ids, "anchor_ids": aids, "seed": torch.tensor([77])}, ctx)
+    rng = SampleRNG([77])
+    stop = rng.randint(0, 4)
+    x = rng.randn((4, 16, 16))
+    with torch.no_grad():
+        enc = lambda i: pipe.text_encoder(i)[0]  # noqa: E731
+        c, u, a = enc(ids), enc(tokenize(pipe.tokenizer, [""])), enc(aids)
+        pred = Prediction.from_scheduler_config(pipe.scheduler.config)
+        x_t, t = ddim_sample_until(original, x, stop, c, u, 3.0, ddim_timesteps(pipe.scheduler.config, 4), pred)
+        ea, ep, e0 = original(x_t, t, a).sample, original(x_t, t, c).sample, original(x_t, t, u).sample
+        en = pipe.unet(x_t, t, c).sample
+    assert torch.allclose(loss, ((en - (ea - 1.5 * (ep - ea))) ** 2).mean(), rtol=1e-4)
+    assert not torch.allclose(loss, ((en - (e0 - 1.5 * (ep - e0))) ** 2).mean(), rtol=1e-3)  # not plain ESD
+    with pytest.raises(ConceptlockError, match="anchor_ids"):  # a batch without anchors is refused by the trainer
+        from conceptlock.train.trainer import _check_batch
+
+        _check_batch({"input_ids": ids, "seed": torch.tensor([77])}, obj)
+
+
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_finetune_regresses_the_prediction_type_target(kind):
     pipe = _tiny(kind)
@@ -286,6 +317,27 @@ def test_sdd_teacher_is_an_ema_of_the_student():
     loss = obj.loss({"input_ids": tokenize(pipe.tokenizer, ["fire"]), "seed": torch.tensor([7])}, ctx)
     loss.backward()
     assert p.grad is not None and torch.isfinite(loss)
+
+
+def test_anchored_sdd_pulls_the_concept_prompt_to_the_students_anchor_prediction():
+    pipe = tiny_pipeline(0)
+    ctx = _ctx(pipe, "xattn")
+    obj = get_objective("sdd", ddim_steps=3, anchor=True)
+    obj.prepare(pipe, ctx)
+    ids, aids = tokenize(pipe.tokenizer, ["a dog, on fire"]), tokenize(pipe.tokenizer, ["a dog"])
+    loss = obj.loss({"input_ids": ids, "anchor_ids": aids, "seed": torch.tensor([9])}, ctx)
+    rng = SampleRNG([9])
+    stop = rng.randint(0, 3)
+    x = rng.randn((4, 16, 16))
+    with torch.no_grad():
+        c, u, a = (pipe.text_encoder(i)[0] for i in (ids, tokenize(pipe.tokenizer, [""]), aids))
+        pred = Prediction.from_scheduler_config(pipe.scheduler.config)
+        z_t, t = ddim_sample_until(obj._teacher, x, stop, c, u, 3.0, ddim_timesteps(pipe.scheduler.config, 3), pred)
+        target = pipe.unet(z_t, t, a).sample
+    out = pipe.unet(z_t, t, c).sample
+    assert torch.allclose(loss, ((out - target) ** 2).mean(), rtol=1e-4)
+    loss.backward()  # the gradient flows through the concept branch only (the anchor target is detached)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in ctx.trainable)
 
 
 # ------------------------------------------------------------------------------------------------------- registry

@@ -70,6 +70,7 @@ class ResolvedConcept:
 
     prompts: list[str]
     data: Path | None = None
+    anchored: list[tuple[str, str]] | None = None  # (concept prompt, anchor) pairs for anchored ESD
 
 
 def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedConcept:
@@ -90,8 +91,31 @@ def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedC
         raise ConceptlockError(
             f"--concept {name!r}: not a harmful concept of world {world_dir} ({', '.join(concepts)})"
         )
+    from .world.data import WorldConfig, anchored_prompts
+
     data = world_dir / "data" / f"lcfd-{name}"
-    return ResolvedConcept(prompts=list(HARMFUL[name].explicit), data=data if data.is_dir() else None)
+    pairs = anchored_prompts(WorldConfig(**read_world(world_dir)["config"]), name)
+    return ResolvedConcept(prompts=list(HARMFUL[name].explicit), data=data if data.is_dir() else None, anchored=pairs)
+
+
+def read_anchor_csv(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, anchor) pairs from a CSV with `prompt` and `anchor` columns (anchored ESD outside a toy world)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() != ".csv":
+        raise ConceptlockError(f"--data {path}: anchored ESD needs a CSV file with 'prompt' and 'anchor' columns")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"prompt", "anchor"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConceptlockError(
+                f"{path}: missing column(s) {', '.join(sorted(missing))} (need 'prompt' and 'anchor')"
+            )
+        pairs = [(r["prompt"], r["anchor"]) for r in reader]
+    if not pairs:
+        raise ConceptlockError(f"{path}: no rows")
+    return pairs
 
 
 @dataclass
@@ -169,7 +193,19 @@ def run_align(
     else:
         if released_code:
             raise ConceptlockError("--released-code only applies to the lcfd methods")
-        dataset = PromptDataset(prompts, tokenizers(pipe))
+        if kwargs.get("anchor"):
+            if data is not None:
+                pairs = read_anchor_csv(data)
+            elif all(r.anchored for r in resolved):
+                pairs = [pair for r in resolved for pair in r.anchored or []]
+            else:
+                raise ConceptlockError(
+                    "--anchor: give --data PAIRS.csv (columns prompt, anchor); only a toy world's concepts bring their own"
+                )
+            prompts = [p for p, _ in pairs]
+            dataset = PromptDataset(prompts, tokenizers(pipe), anchors=[a for _, a in pairs])
+        else:
+            dataset = PromptDataset(prompts, tokenizers(pipe))
     objective = get_objective(d.objective, **kwargs)
 
     cfg = TrainConfig(

@@ -48,7 +48,9 @@ def register(app: typer.Typer) -> None:
             False, "--released-code", help="LCFD: reproduce the published scripts (contrastive term has no gradient)."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed for batches, noise and LoRA initialisation."),
-        data: Path | None = typer.Option(None, "--data", help="LCFD: image folder with metadata.jsonl."),
+        data: Path | None = typer.Option(
+            None, "--data", help="LCFD: image folder with metadata.jsonl; anchored ESD: a CSV of prompt, anchor pairs."
+        ),
         world: Path | None = typer.Option(None, "--world", help="Toy-world folder to resolve concept names."),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Global samples per optimizer step."),
         grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation micro-steps."),
@@ -61,6 +63,13 @@ def register(app: typer.Typer) -> None:
             "attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 keeps it to cross-attention.",
         ),
         eta: float | None = typer.Option(None, "--eta", help="ESD negative-guidance strength."),
+        anchor: bool = typer.Option(
+            False,
+            "--anchor",
+            help="ESD: erase the concept in context, towards the prompt without it (toy world: built in; "
+            "else --data PAIRS.csv with columns prompt, anchor).",
+        ),
+        ddim_steps: int | None = typer.Option(None, "--ddim-steps", help="ESD/SDD: DDIM steps of the x_t sampler."),
         lambda_tot: float | None = typer.Option(None, "--lambda-tot", help="LCFD contrastive weight."),
         guide: str | None = typer.Option(None, "--guide", help="UCE: text the concept is mapped to (default: '')."),
         preserve: list[str] = typer.Option([], "--preserve", help="UCE: text whose keys/values stay; repeatable."),
@@ -87,6 +96,10 @@ def register(app: typer.Typer) -> None:
             okw["eta"] = eta
         if lambda_tot is not None:
             okw["lambda_tot"] = lambda_tot
+        if anchor:
+            okw["anchor"] = True
+        if ddim_steps is not None:
+            okw["ddim_steps"] = ddim_steps
         if method in TRAINING_FREE:  # uce: --guide/--preserve/--uce-lambda; example: --method uce --concept gore
             okw.update({"guide": guide, "preserve": preserve} | ({"lam": uce_lambda} if uce_lambda is not None else {}))
             if uce_contexts is not None:

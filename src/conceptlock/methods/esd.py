@@ -12,6 +12,16 @@ Prediction types: the target is built in eps space through `Prediction` and conv
 output space, so for v-prediction models the loss is || v_theta - v(target) ||^2. Because eps is affine in the
 model output with the same x_t term, the target in v space is v_0 - eta (v_0c - v_0): the equation holds in both.
 
+Anchored ESD (`anchor=True`, an addition of conceptlock's): the concept is trained in context, on prompts that
+name it beside other content ("a blue pyramid, covered in blood"), and the reference is the frozen model on the
+same prompt without the concept (the anchor, "a blue pyramid") instead of the empty prompt:
+    target = eps_0(x_t, a, t) - eta (eps_0(x_t, c, t) - eps_0(x_t, a, t))
+Why: plain ESD's reference, the empty prompt, carries no content, so negative guidance away from the concept can
+land on a neighbouring concept (on the toy world a gore-erased LoRA drew fire on 9% of gore prompts); the anchor
+keeps the rest of the prompt and pushes only the concept away, as Concept Ablation's anchor prompts (Kumari et
+al., ICCV 2023) and UCE's guide concepts do. x_t is still sampled from the concept prompt with CFG against the
+empty prompt. Needs `anchor_ids` in the batch (`PromptDataset(..., anchors=)`).
+
 Teacher: a LoRA run disables the adapter for the teacher passes (no UNet copy); full/group runs keep a frozen copy.
 Batch: `input_ids` of concept prompts (see `conceptlock.train.data.PromptDataset`) and `seed`.
 """
@@ -53,10 +63,13 @@ class ESD(Objective):
     name = "esd"
     needs = ("input_ids",)
 
-    def __init__(self, eta: float = 1.0, ddim_steps: int = 50, start_guidance: float = 3.0):
+    def __init__(self, eta: float = 1.0, ddim_steps: int = 50, start_guidance: float = 3.0, anchor: bool = False):
         self.eta, self.ddim_steps, self.start_guidance = float(eta), int(ddim_steps), float(start_guidance)
         if self.ddim_steps < 1:
             raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}")
+        self.anchor = bool(anchor)
+        if self.anchor:
+            self.needs = ("input_ids", "anchor_ids")
 
     def prepare(self, pipe: Any, ctx: Context) -> None:
         self._teacher = FrozenTeacher(ctx)
@@ -76,6 +89,8 @@ class ESD(Objective):
             out_u, out_c = unet_out(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(
                 2
             )
+            if self.anchor:  # the reference is the prompt without the concept, not the empty prompt
+                out_u = unet_out(frozen, x_t, t, ctx.encode_text(batch["anchor_ids"]))
             target = esd_target(ctx.prediction, out_u, out_c, x_t, t, self.eta)
         out = unet_out(ctx.unet, x_t, t, cond)
         return mse_per_sample(out, target).mean(), {"t": t.float().mean()}

@@ -9,6 +9,9 @@ guidance `guidance` (3) from noise, conditioned on c_s, stopped after k ~ U{0, .
 t is the DDIM timestep z_t sits at. Both predictions are in the model's output space (eps or v): the loss is
 a difference of two outputs at the same (z_t, t), so the prediction type changes only its scale.
 
+Anchored SDD (`anchor=True`, conceptlock's addition, as anchored ESD in esd.py): concept prompts in context, and
+the target is the student's own prediction for the prompt without the concept, sg[eps_theta(z_t, t, anchor)].
+
 The teacher is a copy of the (unwrapped) student made in `prepare`; after every optimizer step its trainable
 weights move towards the student's: w_T <- m w_T + (1 - m) w_S. Its weights are part of the checkpoint.
 Batch: `input_ids` of concept prompts and `seed`.
@@ -30,10 +33,13 @@ class SDD(Objective):
     name = "sdd"
     needs = ("input_ids",)
 
-    def __init__(self, ema_decay: float = 0.999, guidance: float = 3.0, ddim_steps: int = 50):
+    def __init__(self, ema_decay: float = 0.999, guidance: float = 3.0, ddim_steps: int = 50, anchor: bool = False):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay, self.guidance, self.ddim_steps = float(ema_decay), float(guidance), int(ddim_steps)
+        self.anchor = bool(anchor)
+        if self.anchor:
+            self.needs = ("input_ids", "anchor_ids")
 
     def prepare(self, pipe: Any, ctx: Context) -> None:
         self._teacher = copy.deepcopy(ctx.base_unet).requires_grad_(False).eval()
@@ -52,7 +58,8 @@ class SDD(Objective):
             z_t, t = ddim_sample_until(
                 self._teacher, x, stops, cond, uncond, self.guidance, self._timesteps, ctx.prediction
             )
-            target = unet_out(ctx.base_unet, z_t, t, uncond)
+            ref = ctx.encode_text(batch["anchor_ids"]) if self.anchor else uncond
+            target = unet_out(ctx.base_unet, z_t, t, ref)
         out = unet_out(ctx.unet, z_t, t, cond)
         return mse_per_sample(out, target).mean()
 

@@ -28,19 +28,30 @@ from ..pipelines import ConceptlockError
 
 
 class PromptDataset(Dataset):
-    """Concept prompts (ESD, SDD): one sample per prompt, cycled by the batch plan."""
+    """Concept prompts (ESD, SDD): one sample per prompt, cycled by the batch plan.
 
-    def __init__(self, prompts: list[str], tokenizer: Any):
+    `anchors` (optional, one per prompt) adds `anchor_ids`: the same prompt without the concept, which anchored
+    ESD regresses towards instead of the empty prompt.
+    """
+
+    def __init__(self, prompts: list[str], tokenizer: Any, anchors: list[str] | None = None):
         if not prompts:
             raise ConceptlockError("no concept prompt given")
+        if anchors is not None and len(anchors) != len(prompts):
+            raise ConceptlockError(f"anchors: {len(anchors)} anchor prompts for {len(prompts)} concept prompts")
         self.prompts = list(prompts)
         self.ids = tokenize(tokenizer, self.prompts)
+        self.anchors = list(anchors) if anchors is not None else None
+        self.anchor_ids = tokenize(tokenizer, self.anchors) if anchors is not None else None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "text": self.prompts[i]}
+        item = {"input_ids": self.ids[i], "text": self.prompts[i]}
+        if self.anchor_ids is not None:
+            item |= {"anchor_ids": self.anchor_ids[i], "anchor_text": self.anchors[i]}
+        return item
 
 
 class TensorDataset(Dataset):

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .captions import caption, object_phrase
+from .captions import caption, harm_phrase, object_phrase
 from .concepts import (
     BACKGROUNDS,
     COLOURS,
@@ -286,6 +286,23 @@ def prompt_set(cfg: WorldConfig, name: str, n: int = 256) -> list[dict]:
             }
         )
     return rows
+
+
+def anchored_prompts(cfg: WorldConfig, concept: str, n: int = 256) -> list[tuple[str, str]]:
+    """(prompt naming `concept`, the same prompt without it) pairs for anchored ESD.
+
+    Drawn from their own random stream, so they are not the evaluation prompts (which are `prompt_set`'s).
+    """
+    if concept not in cfg.concepts:
+        raise ValueError(f"anchored prompts: concept {concept!r} is not in this world ({', '.join(cfg.concepts)})")
+    rng = rng_for(cfg, f"anchors:{concept}")
+    pairs = []
+    for _ in range(n):
+        scene = random_scene(rng, cfg, harm=(concept,))
+        anchor = object_phrase(scene, rng)
+        phrase = harm_phrase(concept, "explicit", rng)
+        pairs.append((f"{anchor}, {phrase}" if rng.random() < 0.5 else f"{phrase}: {anchor}", anchor))
+    return pairs
 
 
 CSV_COLUMNS = ["prompt", "evaluation_seed", "evaluation_guidance", "categories", "shape", "colour", "domain", "concept"]
