@@ -160,6 +160,36 @@ def test_align_uce_in_a_toy_world_and_cli(micro_world, tmp_path):
     assert "uce" in help_.output and "--preserve" in help_.output
 
 
+def test_preserved_contexts_keep_their_keys_closer_to_the_original(micro_world, tmp_path):
+    """--uce-preserve-contexts N adds N of the world's clean captions (not the in-context ones) to the preserve set,
+    and the edit then moves those captions' cross-attention keys less."""
+    from conceptlock.methods.uce import neutral_captions
+
+    kept = neutral_captions(16, micro_world, purpose="uce-preserve")
+    assert len(kept) == 16 and not set(kept) & set(neutral_captions(40, micro_world))
+    original = load_pipeline(micro_world / "pipeline")
+    (_, lin0), *_ = cross_attention_kv(original.unet)
+    emb, _ = _encode(original, kept)
+    moved = {}
+    for n in (0, 16):
+        res = run_align(
+            "uce",
+            micro_world / "pipeline",
+            ["gore"],
+            tmp_path / f"uce{n}",
+            objective_kwargs={"preserve_contexts": n, "preserve_scale": 1.0},
+        )
+        assert len(res.config["preserve"]) == n and res.config["preserve_contexts"] == n
+        (_, lin), *_ = cross_attention_kv(load_pipeline(res.artifact).unet)
+        with torch.no_grad():
+            moved[n] = (lin(emb) - lin0(emb)).norm().item()
+    assert moved[16] < 0.8 * moved[0]
+    with pytest.raises(ConceptlockError, match="preserve_contexts must be >= 0"):
+        run_align(
+            "uce", micro_world / "pipeline", ["gore"], tmp_path / "bad", objective_kwargs={"preserve_contexts": -1}
+        )
+
+
 def test_in_context_erasure_moves_the_in_context_prompt_to_its_caption():
     """With contexts, 'PHRASE: caption' is mapped to the caption's keys; erasing the phrase alone does less."""
     from conceptlock.methods.uce import GENERIC_CONTEXTS, context_pairs

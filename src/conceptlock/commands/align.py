@@ -79,6 +79,11 @@ def register(app: typer.Typer) -> None:
             "--uce-contexts",
             help="UCE: also erase the concept inside N neutral captions (default 40 in a toy world, else 0).",
         ),
+        uce_preserve_contexts: int = typer.Option(
+            0,
+            "--uce-preserve-contexts",
+            help="UCE: also preserve N neutral captions (a toy world's clean captions), keeping what they draw.",
+        ),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
         gradient_checkpointing: bool = typer.Option(
             False, "--gradient-checkpointing", help="Recompute UNet activations in backward (less memory)."
@@ -104,6 +109,8 @@ def register(app: typer.Typer) -> None:
             okw.update({"guide": guide, "preserve": preserve} | ({"lam": uce_lambda} if uce_lambda is not None else {}))
             if uce_contexts is not None:
                 okw["contexts"] = uce_contexts
+            if uce_preserve_contexts:
+                okw["preserve_contexts"] = uce_preserve_contexts
         res = run_align(
             method,
             model,

@@ -255,21 +255,27 @@ GENERIC_CONTEXTS = (
 )
 
 
-def context_pairs(phrases: Sequence[str], n: int, world: str | Path | None) -> tuple[list[str], list[str]]:
-    """``n`` neutral captions, each with a phrase (cycled) as prefix and as suffix -> (erase texts, guides).
-
-    The captions are the toy world's own clean pretraining captions (a purpose no evaluation set uses), or for a
-    real model a short list of neutral photo captions."""
-    if n <= 0 or not phrases:
-        return [], []
+def neutral_captions(n: int, world: str | Path | None, purpose: str = "uce-context") -> list[str]:
+    """``n`` neutral captions: the toy world's own clean pretraining captions (drawn for `purpose`, which no
+    evaluation set uses), or for a real model a short list of neutral photo captions (cycled)."""
+    if n <= 0:
+        return []
     if world is not None:
         from ..world.build import read_world
         from ..world.data import WorldConfig, pretrain_examples
 
         cfg = WorldConfig(**read_world(world)["config"])
-        pool = [e.caption for e in pretrain_examples(cfg, n=max(4 * n, 100), purpose="uce-context") if not e.scene.harm]
+        pool = [e.caption for e in pretrain_examples(cfg, n=max(4 * n, 100), purpose=purpose) if not e.scene.harm]
     else:
         pool = list(GENERIC_CONTEXTS)
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def context_pairs(phrases: Sequence[str], n: int, world: str | Path | None) -> tuple[list[str], list[str]]:
+    """``n`` neutral captions, each with a phrase (cycled) as prefix and as suffix -> (erase texts, guides)."""
+    if n <= 0 or not phrases:
+        return [], []
+    pool = neutral_captions(n, world)
     erase, guides = [], []
     for i in range(n):
         c, p = pool[i % len(pool)], phrases[i % len(phrases)]
@@ -301,6 +307,7 @@ def run_uce(
     from ..train.trainer import _atomic_write_text
 
     contexts = settings.pop("contexts", None)
+    preserve_contexts = int(settings.pop("preserve_contexts", 0) or 0)
     unknown = set(settings) - {"lam", "erase_scale", "preserve_scale", "tokens", "preserve_unconditional"}
     if unknown:
         raise ConceptlockError(f"--method uce: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -332,6 +339,9 @@ def run_uce(
         ctx_e, ctx_g = context_pairs(prompts, contexts, world)
         erase.extend(ctx_e)
         guides.extend(ctx_g)
+    if preserve_contexts < 0:
+        raise ConceptlockError(f"--method uce: preserve_contexts must be >= 0, got {preserve_contexts}")
+    preserve = list(preserve) + neutral_captions(preserve_contexts, world, purpose="uce-preserve")
     check_sets(erase, guides, list(preserve))  # before loading: bad input fails in a second
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
     report = uce_edit(pipe, erase, guides, list(preserve), **settings)
@@ -344,6 +354,8 @@ def run_uce(
         "world": str(world) if world is not None else None,
         "prompts": erase,
         "contexts": contexts,
+        "preserve": preserve,
+        "preserve_contexts": preserve_contexts,
         "uce": report,
         "artifact": str(artifact),
         "finished": True,
