@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 
 XATTN = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+KV = ["attn2.to_k", "attn2.to_v"]
+GF = {"concepts": ["gore", "fire"]}
+D20 = {"eta": 1.0, "ddim_steps": 20}  # 20 DDIM steps for ESD's partial sampling (the toy world's sampler budget)
+A20 = {**D20, "anchor": True}
+S20 = {"ddim_steps": 20, "anchor": True}
 
 # (row name, method, params, steps, extra run_align kwargs); step counts are toy-scale.
 ROWS = [
@@ -26,7 +31,7 @@ ROWS = [
     # 5.5% on the 2,800-step world; 14.1% on the shipped one (gore 0.0%, the rest fire)
     ("esd-lora-2e-3", "esd", "lora:safety", 1200, {"lr": 2e-3}),
     # the same objective with the LoRA on cross-attention only, batch 4: 9.4% (gore 0.0%), fidelity -5.4, in 165 s
-    ("esd-x-lora", "esd", "lora:safety", 400, {"lr": 2e-3, "batch_size": 4, "targets": XATTN}),
+    ("esd-x-lora", "esd", "lora:safety", 400, {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20}),
     ("sdd-x", "sdd", "xattn", 300, {"lr": 1e-4}),
     ("sdd-lora", "sdd", "lora:safety", 300, {}),
     ("lcfd-lt", "lcfd-lt", "full", 300, {"lr": 1e-4}),
@@ -35,6 +40,79 @@ ROWS = [
     ("lcfd-high", "lcfd-high", "full", 300, {"lr": 1e-4}),
     ("lcfd-high-lora", "lcfd-high", "lora:safety", 300, {}),
     ("uce", "uce", None, None, {}),
+    # Erasing the world's whole harmful category (gore and fire): a gore-only eraser turns some gore prompts
+    # into fire, which the any-concept judge counts; these rows erase both and are judged on both prompt sets.
+    (
+        "esd-x-lora-gf",
+        "esd",
+        "lora:safety",
+        400,
+        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
+    ),
+    (
+        "esd-x-lora-gf-800",
+        "esd",
+        "lora:safety",
+        800,
+        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
+    ),
+    (
+        "esd-x-lora-gf-1200",
+        "esd",
+        "lora:safety",
+        1200,
+        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
+    ),
+    (
+        "esd-x-lora-gf-r8",
+        "esd",
+        "lora:safety",
+        800,
+        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "rank": 8, "objective_kwargs": D20},
+    ),
+    ("esd-lora-gf", "esd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4, "objective_kwargs": D20}),
+    ("esd-u-gf", "esd", "noxattn", 600, {**GF, "lr": 2e-4, "batch_size": 4, "objective_kwargs": D20}),
+    ("esd-u-gf-1000", "esd", "noxattn", 1000, {**GF, "lr": 1e-4, "batch_size": 4, "objective_kwargs": D20}),
+    ("esd-x-gf", "esd", "xattn", 600, {**GF, "lr": 2e-4, "batch_size": 4, "objective_kwargs": D20}),
+    ("sdd-x-gf", "sdd", "xattn", 600, {**GF, "lr": 5e-4, "batch_size": 4}),
+    ("sdd-x-gf-1e-3", "sdd", "xattn", 600, {**GF, "lr": 1e-3, "batch_size": 4}),
+    ("sdd-x-gf-1000", "sdd", "xattn", 1000, {**GF, "lr": 2e-4, "batch_size": 4}),
+    ("sdd-x-lora-gf", "sdd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN}),
+    ("sdd-x-lora-gf-800", "sdd", "lora:safety", 800, {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN}),
+    ("sdd-lora-gf", "sdd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4}),
+    ("uce-gf", "uce", None, None, GF),
+    # UCE preserving 64 of the world's clean captions (--uce-preserve-contexts 64) at preserve scale 1
+    ("uce-keep", "uce", None, None, {"objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
+    ("uce-keep-gf", "uce", None, None, {**GF, "objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
+    ("uce-keep-01", "uce", None, None, {"objective_kwargs": {"preserve_contexts": 64}}),
+    # Anchored ESD (the concept in context, towards the prompt without it): no neighbouring concept to land on.
+    (
+        "esd-x-lora-anchor",
+        "esd",
+        "lora:safety",
+        400,
+        {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": A20},
+    ),
+    ("esd-lora-anchor", "esd", "lora:safety", 400, {"lr": 2e-3, "batch_size": 4, "objective_kwargs": A20}),
+    (
+        "esd-kv-lora-anchor",
+        "esd",
+        "lora:safety",
+        400,
+        {"lr": 2e-3, "batch_size": 4, "targets": KV, "objective_kwargs": A20},
+    ),
+    ("esd-u-anchor", "esd", "noxattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),
+    ("esd-x-anchor", "esd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),
+    ("esd-x-anchor-1e-4", "esd", "xattn", 400, {"lr": 1e-4, "batch_size": 4, "objective_kwargs": A20}),
+    ("sdd-x-anchor", "sdd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": S20}),
+    (
+        "sdd-x-lora-anchor",
+        "sdd",
+        "lora:safety",
+        400,
+        {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
+    ),
+    ("sdd-x-5e-4", "sdd", "xattn", 400, {"lr": 5e-4, "batch_size": 4, "objective_kwargs": {"ddim_steps": 20}}),
 ]
 
 
@@ -65,56 +143,110 @@ def fmt(m: dict) -> str:
     return f"{100 * m['value']:5.1f}% [{100 * m['ci_low']:4.1f}, {100 * m['ci_high']:4.1f}] n={m['n']}"
 
 
+def eval_sets(concepts: list[str]) -> dict[str, str]:
+    """Explicit prompts of every erased concept, the first concept's held-out implicit prompts, clean prompts."""
+    sets = {f"explicit-{c}": f"toy:explicit-{c}" for c in concepts}
+    return sets | {"implicit": f"toy:implicit-{concepts[0]}", "clean": "toy:clean"}
+
+
+def explicit_rate(ev: dict) -> dict:
+    """Harm (any concept) over the explicit prompts of all erased concepts, pooled: k/n and a Wilson interval."""
+    from conceptlock.stats import wilson_interval
+
+    ms = [m["toy_harm"] for k, m in ev.items() if k.startswith("explicit-")]
+    k, n = sum(m["details"]["k"] for m in ms), sum(m["n"] for m in ms)
+    lo, hi = wilson_interval(k, n)
+    return {"value": k / n, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def run_row(job: tuple) -> tuple[str, dict]:
+    """One table row in its own process: align (unless done) and evaluate. Returns (name, row)."""
+    name, method, params, steps, kw, args = job
+    import conceptlock.world as world
+    from conceptlock.align import run_align
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args["threads"])
+    w = Path(args["world"])
+    world.set_current_world(w)
+    base, out = w / "pipeline", Path(args["out"])
+    kw = dict(kw)
+    concepts = kw.pop("concepts", args["concepts"])
+    row: dict = {"concepts": concepts, "params": params, "steps": steps, "kw": {k: str(v) for k, v in kw.items()}}
+    if name == "base":  # judged on every concept's explicit prompts
+        from conceptlock.world.build import read_world
+
+        concepts = row["concepts"] = list(read_world(w)["config"]["concepts"])
+        model, adapters, row["wall_s"] = base, [], 0.0
+    else:
+        run = out / name
+        t = time.perf_counter()
+        if not (run / "config.json").exists():
+            torch.manual_seed(0)
+            run_align(method, base, concepts, run, params=params, steps=steps, seed=0, **kw)
+        row["wall_s"] = time.perf_counter() - t
+        art = Path(json.loads((run / "config.json").read_text()).get("artifact", run / "model"))
+        model, adapters = (base, [f"safety={art}:1.0"]) if art.suffix == ".safetensors" else (art, [])
+    row["eval"] = evaluate(model, adapters, out / name / "eval", eval_sets(concepts), args["limit"], args["steps"])
+    return name, row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("runs/methods"))
-    ap.add_argument("--concept", default="gore")
+    ap.add_argument("--concept", nargs="+", default=["gore"], help="concept(s) a row erases unless it names its own")
     ap.add_argument("--limit", type=int, default=128, help="prompts per set")
     ap.add_argument("--steps", type=int, default=20, help="sampler steps")
     ap.add_argument("--only", nargs="*", help="row names to run")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="rows run in this many processes at once (1 thread each on CPU)"
+    )
     args = ap.parse_args()
-    import conceptlock.world as world
-    from conceptlock.align import run_align
-
-    world.set_current_world(args.world)
-    base = args.world / "pipeline"
-    c = args.concept
-    sets = {"explicit": f"toy:explicit-{c}", "implicit": f"toy:implicit-{c}", "clean": "toy:clean"}
-    table = {
-        "base": {"wall_s": 0.0, "eval": evaluate(base, [], args.out / "base" / "eval", sets, args.limit, args.steps)}
+    shared = {
+        "world": str(args.world),
+        "out": str(args.out),
+        "concepts": args.concept,
+        "limit": args.limit,
+        "steps": args.steps,
+        "threads": 1 if args.jobs > 1 else torch.get_num_threads(),
     }
-    for name, method, params, steps, kw in ROWS:
-        if args.only and name not in args.only:
-            continue
-        run = args.out / name
-        t = time.perf_counter()
-        if not (run / "config.json").exists():
-            torch.manual_seed(0)
-            run_align(method, base, [c], run, params=params, steps=steps, seed=0, **kw)
-        wall = time.perf_counter() - t
-        cfg = json.loads((run / "config.json").read_text())
-        art = Path(cfg.get("artifact", run / "model"))
-        model, adapters = (base, [f"safety={art}:1.0"]) if art.suffix == ".safetensors" else (art, [])
-        table[name] = {
-            "wall_s": wall,
-            "params": params,
-            "steps": steps,
-            "eval": evaluate(model, adapters, run / "eval", sets, args.limit, args.steps),
-        }
-        (args.out / "table.json").write_text(json.dumps(table, indent=1))
+    by_name = {r[0]: r for r in ROWS}
+    unknown = [n for n in args.only or [] if n not in by_name]
+    if unknown:
+        ap.error(f"--only: unknown row(s) {', '.join(unknown)}")
+    rows = [("base", None, None, None, {})] + [by_name[n] for n in args.only or by_name]  # --only's order
+    jobs = [(*r, shared) for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tj = args.out / "table.json"
+    table = json.loads(tj.read_text()) if tj.exists() else {}
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            for name, row in pool.imap_unordered(run_row, jobs):
+                table[name] = row
+                tj.write_text(json.dumps(table, indent=1))
+                print(f"done {name} ({row['wall_s']:.0f} s align)", flush=True)
+    else:
+        for job in jobs:
+            name, row = run_row(job)
+            table[name] = row
+            tj.write_text(json.dumps(table, indent=1))
     b = table["base"]["eval"]["clean"]["toy_fidelity"]["value"]
     print(
-        f"{'model':16} {'params':12} {'steps':>5} {'align s':>8}  {'explicit harmful':30} {'implicit (held-out) harmful':30} {'clean fidelity':30} {'Δfid':>6}"
+        f"{'model':22} {'concepts':10} {'params':12} {'steps':>5} {'align s':>8}  {'explicit harmful':30} "
+        f"{'implicit (held-out) harmful':30} {'clean fidelity':30} {'Δfid':>6}  per set"
     )
     for name, row in table.items():
         e = row["eval"]
         fid = e["clean"]["toy_fidelity"]
+        per = " ".join(f"{k}={100 * m['toy_harm']['value']:.1f}" for k, m in e.items() if k.startswith("explicit-"))
         print(
-            f"{name:16} {str(row.get('params', '')):12} {str(row.get('steps', '')):>5} {row['wall_s']:8.0f}  "
-            f"{fmt(e['explicit']['toy_harm']):30} {fmt(e['implicit']['toy_harm']):30} {fmt(fid):30} {100 * (fid['value'] - b):+6.1f}"
+            f"{name:22} {'+'.join(row.get('concepts', [])):10} {str(row.get('params', '')):12} "
+            f"{str(row.get('steps', '')):>5} {row['wall_s']:8.0f}  {fmt(explicit_rate(e)):30} "
+            f"{fmt(e['implicit']['toy_harm']):30} {fmt(fid):30} {100 * (fid['value'] - b):+6.1f}  {per}"
         )
-    (args.out / "table.json").write_text(json.dumps(table, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--world", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("runs/modular-lora-table"))
     ap.add_argument("--safety", type=Path, help="a safety LoRA .safetensors (default: train ESD here)")
-    ap.add_argument("--concept", default="gore")
+    ap.add_argument("--concept", nargs="+", default=["gore"], help="the safety LoRA's concept(s)")
     ap.add_argument("--domain", default="mosaic")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -63,9 +63,7 @@ def main() -> None:
     concepts = read_world(w)["config"]["concepts"]
     safety = args.safety
     if safety is None:
-        res = run_align(
-            "esd", w / "pipeline", [args.concept], out / "safety", params="lora:safety", steps=1200, lr=2e-3
-        )
+        res = run_align("esd", w / "pipeline", args.concept, out / "safety", params="lora:safety", steps=1200, lr=2e-3)
         safety = res.artifact
     models = {"aligned (W0 + dW_safe)": [f"safety={safety}"]}
     for mode in ("standard", "modular"):
@@ -86,7 +84,8 @@ def main() -> None:
             )
         models[f"{mode} LoRA ({args.steps} steps)"] = [f"safety={safety}", f"task={run / 'task.safetensors'}"]
     judges = Judges(w / "judges")
-    sets = [f"explicit-{args.concept}", f"domain-{args.domain}", "clean"]
+    explicit = [f"explicit-{c}" for c in args.concept]
+    sets = [*explicit, f"domain-{args.domain}", "clean"]
     table = {}
     for name, adapters in models.items():
         key = name.split(" ")[0]
@@ -112,11 +111,16 @@ def main() -> None:
         f"Safety LoRA {safety}; task LoRA on domain {args.domain}: {args.steps} steps, lr {args.lr}, batch {args.batch}"
     )
     head = (
-        ["model", "explicit: any harmful"] + [f"explicit: {c}" for c in concepts] + ["domain style", "clean fidelity"]
+        ["model", "explicit (" + "+".join(args.concept) + "): any harmful"]
+        + [f"explicit: {c}" for c in concepts]
+        + ["domain style", "clean fidelity"]
     )
     print(" | ".join(head))
     for name, t in table.items():
-        e, d, c = t[sets[0]], t[sets[1]], t[sets[2]]
+        e = {
+            k: np.concatenate([t[s][k] for s in explicit]) for k in t[explicit[0]] if k.startswith("has_") or k == "any"
+        }
+        d, c = t[sets[-2]], t[sets[-1]]
         cells = [name, fmt(int(e["any"].sum()), len(e["any"]))]
         cells += [fmt(int(e[f"has_{k}"].sum()), len(e["any"])) for k in concepts]
         cells += [fmt(int(d["style"].sum()), len(d["style"])), fmt(c["fid_k"], c["fid_n"])]

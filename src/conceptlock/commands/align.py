@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
         f"Example:\n\n  {EXAMPLE}\n\n"
         "LCFD reads labelled images:  conceptlock align --method lcfd-lt --model runs/base --concept nudity "
         "--data data/lcfd --out runs/lcfd  (metadata.jsonl rows: file_name, text, class 1 clean / 2 harmful).\n\n"
+        "Anchored ESD (the concept erased in context, towards the prompt without it):  conceptlock align "
+        "--method esd --anchor --model runs/base --concept nudity --data pairs.csv --params lora:safety "
+        "--lora-targets attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 --out runs/esd-anchor  "
+        "(pairs.csv columns: prompt, anchor).\n\n"
         "Outputs in --out: model/ or NAME.safetensors, config.json, train_log.jsonl, checkpoints/. "
         "Multi-GPU: accelerate launch --num_processes N -m conceptlock.cli align ...",
         no_args_is_help=True,
@@ -66,7 +70,7 @@ def register(app: typer.Typer) -> None:
         anchor: bool = typer.Option(
             False,
             "--anchor",
-            help="ESD: erase the concept in context, towards the prompt without it (toy world: built in; "
+            help="ESD/SDD: erase the concept in context, towards the prompt without it (toy world: built in; "
             "else --data PAIRS.csv with columns prompt, anchor).",
         ),
         ddim_steps: int | None = typer.Option(None, "--ddim-steps", help="ESD/SDD: DDIM steps of the x_t sampler."),
