@@ -94,6 +94,15 @@ ROWS = [
         {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": A20},
     ),
     ("esd-lora-anchor", "esd", "lora:safety", 400, {"lr": 2e-3, "batch_size": 4, "objective_kwargs": A20}),
+    # LCFD-LT with a heavier contrastive weight (the paper's 5e-5 leaves the toy model's harm where it was)
+    ("lcfd-lt-5e-3", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-3}}),
+    ("lcfd-lt-5e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-2}}),
+    ("lcfd-lt-2e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 2e-2}}),
+    ("lcfd-lt-lora-5e-2", "lcfd-lt", "lora:safety", 300, {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-2}}),
+    ("lcfd-lt-lora-5e-1", "lcfd-lt", "lora:safety", 300, {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-1}}),
+    # LCFD in its "safety reinforcement" setting (paper B): on a model that is already safe, here anchored ESD-x
+    ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
+    ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
     (
         "esd-kv-lora-anchor",
         "esd",
@@ -111,6 +120,14 @@ ROWS = [
         "lora:safety",
         400,
         {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
+    ),
+    ("sdd-x-anchor-5e-5", "sdd", "xattn", 400, {"lr": 5e-5, "batch_size": 4, "objective_kwargs": S20}),
+    (
+        "sdd-x-lora-anchor-5e-4",
+        "sdd",
+        "lora:safety",
+        400,
+        {"lr": 5e-4, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
     ),
     ("sdd-x-5e-4", "sdd", "xattn", 400, {"lr": 5e-4, "batch_size": 4, "objective_kwargs": {"ddim_steps": 20}}),
 ]
@@ -172,6 +189,8 @@ def run_row(job: tuple) -> tuple[str, dict]:
     base, out = w / "pipeline", Path(args["out"])
     kw = dict(kw)
     concepts = kw.pop("concepts", args["concepts"])
+    if "on" in kw:  # LCFD's reinforcement setting: start from another row's aligned pipeline
+        base, kw["world"] = out / kw.pop("on") / "model", w
     row: dict = {"concepts": concepts, "params": params, "steps": steps, "kw": {k: str(v) for k, v in kw.items()}}
     if name == "base":  # judged on every concept's explicit prompts
         from conceptlock.world.build import read_world
