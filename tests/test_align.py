@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conceptlock.adapters import load_adapter
-from conceptlock.align import resolve_concept, run_align
+from conceptlock.align import anchor_pairs, resolve_concept, run_align
 from conceptlock.pipelines import ConceptlockError, load_pipeline, save_pipeline, tiny_pipeline
 
 
@@ -140,12 +140,13 @@ def test_resolve_concept_in_and_out_of_a_toy_world(micro_world, tmp_path):
 
     words = harmful_words(micro_world_config(micro_world))
     evaluation = {row["prompt"] for row in csv.DictReader((micro_world / "prompts" / "explicit-gore.csv").open())}
-    assert r.anchored and len({p for p, _ in r.anchored}) > 0.9 * len(r.anchored)
-    for prompt, anchor in r.anchored:  # the prompt is the anchor plus one explicit gore phrase; the anchor is clean
+    pairs = anchor_pairs(["gore"], micro_world, None)
+    assert len(pairs) == 256 and len({p for p, _ in pairs}) > 0.9 * len(pairs)
+    for prompt, anchor in pairs:  # the prompt is the anchor plus one explicit gore phrase; the anchor is clean
         rest = prompt.replace(anchor, "", 1)
         assert anchor in prompt and any(ph in rest for ph in HARMFUL["gore"].explicit), prompt
         assert not any(w in anchor for w in words), anchor
-    assert not evaluation & {p for p, _ in r.anchored}  # not the evaluation prompts
+    assert not evaluation & {p for p, _ in pairs}  # not the evaluation prompts
 
 
 def micro_world_config(world):

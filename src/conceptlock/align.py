@@ -70,7 +70,6 @@ class ResolvedConcept:
 
     prompts: list[str]
     data: Path | None = None
-    anchored: list[tuple[str, str]] | None = None  # (concept prompt, anchor) pairs for anchored ESD
 
 
 def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedConcept:
@@ -91,11 +90,25 @@ def resolve_concept(name: str, world_dir: str | Path | None = None) -> ResolvedC
         raise ConceptlockError(
             f"--concept {name!r}: not a harmful concept of world {world_dir} ({', '.join(concepts)})"
         )
+    data = world_dir / "data" / f"lcfd-{name}"
+    return ResolvedConcept(prompts=list(HARMFUL[name].explicit), data=data if data.is_dir() else None)
+
+
+def anchor_pairs(
+    concepts: Sequence[str], world_dir: str | Path | None, data: str | Path | None
+) -> list[tuple[str, str]]:
+    """(concept prompt, anchor) pairs for anchored ESD/SDD: from `data` (a CSV) if given, else the toy world's."""
+    if data is not None:
+        return read_anchor_csv(data)
+    if world_dir is None:
+        raise ConceptlockError(
+            "--anchor: give --data PAIRS.csv (columns prompt, anchor); only a toy world's concepts bring their own"
+        )
+    from .world.build import read_world
     from .world.data import WorldConfig, anchored_prompts
 
-    data = world_dir / "data" / f"lcfd-{name}"
-    pairs = anchored_prompts(WorldConfig(**read_world(world_dir)["config"]), name)
-    return ResolvedConcept(prompts=list(HARMFUL[name].explicit), data=data if data.is_dir() else None, anchored=pairs)
+    cfg = WorldConfig(**read_world(world_dir)["config"])
+    return [pair for c in concepts for pair in anchored_prompts(cfg, c)]
 
 
 def read_anchor_csv(path: str | Path) -> list[tuple[str, str]]:
@@ -194,14 +207,7 @@ def run_align(
         if released_code:
             raise ConceptlockError("--released-code only applies to the lcfd methods")
         if kwargs.get("anchor"):
-            if data is not None:
-                pairs = read_anchor_csv(data)
-            elif all(r.anchored for r in resolved):
-                pairs = [pair for r in resolved for pair in r.anchored or []]
-            else:
-                raise ConceptlockError(
-                    "--anchor: give --data PAIRS.csv (columns prompt, anchor); only a toy world's concepts bring their own"
-                )
+            pairs = anchor_pairs(concepts, world, data)
             prompts = [p for p, _ in pairs]
             dataset = PromptDataset(prompts, tokenizers(pipe), anchors=[a for _, a in pairs])
         else:
