@@ -4,7 +4,12 @@ For each method it aligns the world's base model against a concept, then generat
 held-out implicit and clean prompt sets and judges them with the world's judges. Rates come with
 n and a Wilson 95% interval. Resumable: finished alignment runs and evaluations are reused.
 
+A row may erase several concepts (`concepts` in its kwargs); it is then judged on each one's explicit
+prompts, pooled. "Harmful" is any of the world's concepts, so an erased concept that comes back as
+another one counts. `--jobs N` runs rows in N processes (one thread each on a CPU).
+
     python benchmarks/methods_table.py --world ~/.cache/conceptlock/worlds/full --out runs/methods
+    python benchmarks/methods_table.py --world DIR --only esd-x-lora-anchor uce-keep --jobs 2
 """
 
 from __future__ import annotations
