@@ -23,6 +23,7 @@ import torch
 
 XATTN = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 KV = ["attn2.to_k", "attn2.to_v"]
+QO = ["attn2.to_q", "attn2.to_out.0"]  # cross-attention's image side only: the text keys and values stay
 GF = {"concepts": ["gore", "fire"]}
 D20 = {"eta": 1.0, "ddim_steps": 20}  # 20 DDIM steps for ESD's partial sampling (the toy world's sampler budget)
 A20 = {**D20, "anchor": True}
@@ -108,6 +109,13 @@ ROWS = [
     # LCFD in its "safety reinforcement" setting (paper B): on a model that is already safe, here anchored ESD-x
     ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
     ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
+    (
+        "esd-qo-lora-anchor",
+        "esd",
+        "lora:safety",
+        400,
+        {"lr": 2e-3, "batch_size": 4, "targets": QO, "objective_kwargs": A20},
+    ),
     (
         "esd-kv-lora-anchor",
         "esd",
