@@ -1,8 +1,8 @@
 """Anchored ESD's cost: one ESD step (partial DDIM sampling by the frozen model, target, student pass, backward)
 with the empty-prompt reference vs the anchor-prompt reference, on the same model, batch and seeds.
 
-The anchored step adds one no-grad UNet pass (the anchor's prediction) to the ~k sampling passes and the
-teacher pass. Steps alternate between the two objectives round by round, so machine load hits both alike;
+The anchored step puts the anchor's embedding where plain ESD puts the empty prompt's in the frozen model's
+batched target pass, so it adds one text-encoder pass. Steps alternate between the two objectives round by round, so machine load hits both alike;
 the table gives the median and the fastest step of each.
 
     python benchmarks/bench_anchor.py --world ~/.cache/conceptlock/worlds/full [--steps 20] [--threads 1]

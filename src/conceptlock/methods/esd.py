@@ -86,11 +86,9 @@ class ESD(Objective):
             x_t, t = ddim_sample_until(
                 frozen, x, stops, cond, uncond, self.start_guidance, self._timesteps, ctx.prediction
             )
-            out_u, out_c = unet_out(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(
-                2
-            )
-            if self.anchor:  # the reference is the prompt without the concept, not the empty prompt
-                out_u = unet_out(frozen, x_t, t, ctx.encode_text(batch["anchor_ids"]))
-            target = esd_target(ctx.prediction, out_u, out_c, x_t, t, self.eta)
+            # the reference: the empty prompt, or (anchored) the prompt without the concept
+            ref = ctx.encode_text(batch["anchor_ids"]) if self.anchor else uncond
+            out_r, out_c = unet_out(frozen, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([ref, cond])).chunk(2)
+            target = esd_target(ctx.prediction, out_r, out_c, x_t, t, self.eta)
         out = unet_out(ctx.unet, x_t, t, cond)
         return mse_per_sample(out, target).mean(), {"t": t.float().mean()}
