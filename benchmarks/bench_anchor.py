@@ -63,7 +63,9 @@ def main() -> None:
                 if r:
                     times[name].append(time.perf_counter() - t0)
     base = statistics.median(times[next(iter(objs))])
-    print(f"batch {args.batch}, {args.ddim_steps} DDIM steps, {args.threads} thread(s), {len(times[name])} steps each")
+    print(
+        f"batch {args.batch}, {args.ddim_steps} DDIM steps, {args.threads} thread(s), {args.steps * args.rounds} steps each"
+    )
     print(f"{'objective':32} {'median s/step':>14} {'fastest':>9} {'ratio':>6}")
     for name, ts in times.items():
         print(f"{name:32} {statistics.median(ts):14.3f} {min(ts):9.3f} {statistics.median(ts) / base:6.2f}")

@@ -46,8 +46,8 @@ ROWS = [
     ("lcfd-high", "lcfd-high", "full", 300, {"lr": 1e-4}),
     ("lcfd-high-lora", "lcfd-high", "lora:safety", 300, {}),
     ("uce", "uce", None, None, {}),
-    # Erasing the world's whole harmful category (gore and fire): a gore-only eraser turns some gore prompts
-    # into fire, which the any-concept judge counts; these rows erase both and are judged on both prompt sets.
+    # Erasing the world's whole harmful category (gore and fire) with plain ESD: a gore-only eraser turns some gore
+    # prompts into fire. Measured (H200, n=256 explicit): 30.5% harmful, fidelity 68.0%; all attention 39.1%, 70.3%.
     (
         "esd-x-lora-gf",
         "esd",
@@ -55,94 +55,73 @@ ROWS = [
         400,
         {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
     ),
-    (
-        "esd-x-lora-gf-800",
-        "esd",
-        "lora:safety",
-        800,
-        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
-    ),
-    (
-        "esd-x-lora-gf-1200",
-        "esd",
-        "lora:safety",
-        1200,
-        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": D20},
-    ),
-    (
-        "esd-x-lora-gf-r8",
-        "esd",
-        "lora:safety",
-        800,
-        {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN, "rank": 8, "objective_kwargs": D20},
-    ),
     ("esd-lora-gf", "esd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4, "objective_kwargs": D20}),
-    ("esd-u-gf", "esd", "noxattn", 600, {**GF, "lr": 2e-4, "batch_size": 4, "objective_kwargs": D20}),
-    ("esd-u-gf-1000", "esd", "noxattn", 1000, {**GF, "lr": 1e-4, "batch_size": 4, "objective_kwargs": D20}),
-    ("esd-x-gf", "esd", "xattn", 600, {**GF, "lr": 2e-4, "batch_size": 4, "objective_kwargs": D20}),
-    ("sdd-x-gf", "sdd", "xattn", 600, {**GF, "lr": 5e-4, "batch_size": 4}),
-    ("sdd-x-gf-1e-3", "sdd", "xattn", 600, {**GF, "lr": 1e-3, "batch_size": 4}),
-    ("sdd-x-gf-1000", "sdd", "xattn", 1000, {**GF, "lr": 2e-4, "batch_size": 4}),
-    ("sdd-x-lora-gf", "sdd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN}),
-    ("sdd-x-lora-gf-800", "sdd", "lora:safety", 800, {**GF, "lr": 2e-3, "batch_size": 4, "targets": XATTN}),
-    ("sdd-lora-gf", "sdd", "lora:safety", 400, {**GF, "lr": 2e-3, "batch_size": 4}),
-    ("uce-gf", "uce", None, None, GF),
-    # UCE preserving 64 of the world's clean captions (--uce-preserve-contexts 64) at preserve scale 1
+    ("uce-gf", "uce", None, None, GF),  # 0.4%, fidelity 89.8%
+    # UCE preserving 64 of the world's clean captions (--uce-preserve-contexts 64) at preserve scale 1: 0.0%, 96.9%
     ("uce-keep", "uce", None, None, {"objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
     ("uce-keep-gf", "uce", None, None, {**GF, "objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
-    ("uce-keep-01", "uce", None, None, {"objective_kwargs": {"preserve_contexts": 64}}),
-    # Anchored ESD (the concept in context, towards the prompt without it): no neighbouring concept to land on.
+    # Anchored ESD/SDD (the concept in context, towards the prompt without it): no neighbouring concept to land on.
+    # Measured on this CPU (n=128): explicit harmful / clean fidelity in each comment.
     (
         "esd-x-lora-anchor",
         "esd",
         "lora:safety",
         400,
         {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": A20},
-    ),
-    ("esd-lora-anchor", "esd", "lora:safety", 400, {"lr": 2e-3, "batch_size": 4, "objective_kwargs": A20}),
-    # LCFD-LT with a heavier contrastive weight (the paper's 5e-5 leaves the toy model's harm where it was)
-    ("lcfd-lt-5e-3", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-3}}),
-    ("lcfd-lt-5e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-2}}),
-    ("lcfd-lt-2e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 2e-2}}),
-    ("lcfd-lt-lora-5e-2", "lcfd-lt", "lora:safety", 300, {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-2}}),
-    ("lcfd-lt-lora-5e-1", "lcfd-lt", "lora:safety", 300, {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-1}}),
-    # LCFD in its "safety reinforcement" setting (paper B): on a model that is already safe, here anchored ESD-x
-    ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
-    ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),
-    (
-        "esd-qo-lora-anchor",
-        "esd",
-        "lora:safety",
-        400,
-        {"lr": 2e-3, "batch_size": 4, "targets": QO, "objective_kwargs": A20},
-    ),
+    ),  # 0.0 / 99.2
     (
         "esd-kv-lora-anchor",
         "esd",
         "lora:safety",
         400,
         {"lr": 2e-3, "batch_size": 4, "targets": KV, "objective_kwargs": A20},
-    ),
-    ("esd-u-anchor", "esd", "noxattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),
-    ("esd-x-anchor", "esd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),
-    ("esd-x-anchor-1e-4", "esd", "xattn", 400, {"lr": 1e-4, "batch_size": 4, "objective_kwargs": A20}),
-    ("sdd-x-anchor", "sdd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": S20}),
+    ),  # 0.0 / 97.7
     (
-        "sdd-x-lora-anchor",
-        "sdd",
+        "esd-qo-lora-anchor",
+        "esd",
         "lora:safety",
         400,
-        {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
-    ),
-    ("sdd-x-anchor-5e-5", "sdd", "xattn", 400, {"lr": 5e-5, "batch_size": 4, "objective_kwargs": S20}),
+        {"lr": 2e-3, "batch_size": 4, "targets": QO, "objective_kwargs": A20},
+    ),  # 0.8 / 98.4
+    ("esd-x-anchor", "esd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),  # 0.8 / 97.7
+    ("esd-u-anchor", "esd", "noxattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": A20}),  # 11.7 / 89.1
+    ("sdd-x-anchor-5e-5", "sdd", "xattn", 400, {"lr": 5e-5, "batch_size": 4, "objective_kwargs": S20}),  # 0.8 / 99.2
+    ("sdd-x-anchor", "sdd", "xattn", 400, {"lr": 2e-4, "batch_size": 4, "objective_kwargs": S20}),  # 0.0 / 79.7
     (
         "sdd-x-lora-anchor-5e-4",
         "sdd",
         "lora:safety",
         400,
         {"lr": 5e-4, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
-    ),
-    ("sdd-x-5e-4", "sdd", "xattn", 400, {"lr": 5e-4, "batch_size": 4, "objective_kwargs": {"ddim_steps": 20}}),
+    ),  # 0.0 / 94.5
+    (
+        "sdd-x-lora-anchor",
+        "sdd",
+        "lora:safety",
+        400,
+        {"lr": 2e-3, "batch_size": 4, "targets": XATTN, "objective_kwargs": S20},
+    ),  # diverged: 69.5 / 3.9
+    # LCFD-LT with a heavier contrastive weight (the paper's 5e-5 leaves the toy model's harm where it was)
+    ("lcfd-lt-5e-3", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-3}}),  # 13.3 / 97.7
+    ("lcfd-lt-2e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 2e-2}}),  # 10.9 / 89.8
+    ("lcfd-lt-5e-2", "lcfd-lt", "full", 300, {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-2}}),  # 4.7 / 69.5
+    (
+        "lcfd-lt-lora-5e-2",
+        "lcfd-lt",
+        "lora:safety",
+        300,
+        {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-2}},
+    ),  # 95.3
+    (
+        "lcfd-lt-lora-5e-1",
+        "lcfd-lt",
+        "lora:safety",
+        300,
+        {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-1}},
+    ),  # 86.7
+    # LCFD in its "safety reinforcement" setting (paper B), on the anchored ESD-x model ("on": a row run before it)
+    ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 0.0 / 97.7
+    ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 7.8 / 87.5
 ]
 
 
@@ -248,6 +227,11 @@ def main() -> None:
     if unknown:
         ap.error(f"--only: unknown row(s) {', '.join(unknown)}")
     rows = [("base", None, None, None, {})] + [by_name[n] for n in args.only or by_name]  # --only's order
+    for k, r in enumerate(rows):  # a row built on another row's model needs that model first
+        dep = r[4].get("on")
+        earlier = args.jobs == 1 and dep in {q[0] for q in rows[:k]}  # sequential runs keep the order
+        if dep and not earlier and not (args.out / dep / "model").is_dir():
+            ap.error(f"row {r[0]} starts from row {dep}'s model: run --only {dep} first")
     jobs = [(*r, shared) for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     tj = args.out / "table.json"
