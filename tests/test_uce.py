@@ -213,3 +213,44 @@ def test_in_context_erasure_moves_the_in_context_prompt_to_its_caption():
         k_e, k_c = lin(emb_e[0, int(last_e[0]) :][:m]), lin(emb_c[0, int(last_c[0]) :][:m])
         dist[n] = (k_e - k_c).norm(dim=-1).mean().item()
     assert dist[10] < 0.85 * dist[0]  # measured 0.76x on this random model; far more on a trained one
+
+
+def test_uce_as_a_safety_lora_is_the_edit_and_loads_in_vanilla_diffusers(tmp_path):
+    """`--params lora:safety` writes the closed-form edit as a LoRA file: vanilla `load_lora_weights` on the base
+    gives the edited model's UNet output; a truncated rank reports its error; the base weights stay W0."""
+    from diffusers import StableDiffusionPipeline
+
+    from conceptlock.methods.uce import uce_lora
+
+    save_pipeline(tiny_pipeline(0), tmp_path / "base")
+    kw = {"objective_kwargs": {"guide": "clean", "preserve": ["a cat"]}}
+    full = run_align("uce", tmp_path / "base", ["bloody"], tmp_path / "full", **kw)
+    lora = run_align("uce", tmp_path / "base", ["bloody"], tmp_path / "lora", params="lora:safety", **kw)
+    assert lora.artifact == tmp_path / "lora" / "safety.safetensors" and lora.config["params"] == "lora:safety"
+    info = lora.config["uce"]["lora"]
+    assert info["rel_error_max"] <= 1e-3 and info["alpha"] == info["rank"]
+    vanilla = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    vanilla.load_lora_weights(str(lora.artifact), adapter_name="safety")
+    edited, base = load_pipeline(full.artifact), load_pipeline(tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, edited.unet.config.in_channels, 8, 8, generator=g)
+    emb, _ = _encode(edited, ["a bloody cat", "a cat"])
+    with torch.no_grad():
+        want, got, w0 = (p.unet(x, 10, emb).sample for p in (edited, vanilla, base))
+    assert (want - w0).abs().max() > 1e-3  # the edit changes the output ...
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)  # ... and the LoRA is that edit
+
+    cut = run_align("uce", tmp_path / "base", ["bloody"], tmp_path / "cut", params="lora:safety", rank=1, **kw)
+    assert cut.config["uce"]["lora"]["rank"] == 1 and cut.config["uce"]["lora"]["rel_error_max"] > 1e-3
+    pipe = load_pipeline(tmp_path / "base")
+    uce_lora(pipe, "safety", erase=["bloody"], guide="clean", preserve=["a cat"])
+    pipe.unet.disable_adapters()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, 10, emb).sample, w0)  # W0 restored under the adapter
+    for bad, match in [
+        ({"params": "noxattn"}, "cannot apply"),
+        ({"rank": 2}, "--rank applies only with --params lora"),
+        ({"params": "lora:safety", "alpha": 2.0}, "training-free: --alpha"),
+    ]:
+        with pytest.raises(ConceptlockError, match=match):
+            run_align("uce", tmp_path / "base", ["bloody"], tmp_path / "bad", **bad)

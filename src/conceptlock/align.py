@@ -153,7 +153,7 @@ def run_align(
     world: str | Path | None = None,
     batch_size: int | None = None,
     grad_accum: int | None = None,
-    rank: int = 4,
+    rank: int | None = None,
     alpha: float | None = None,
     targets: Sequence[str] | None = None,
     resolution: int | None = None,
@@ -164,13 +164,15 @@ def run_align(
 ) -> AlignResult:
     """Align `model` (a pipeline folder, or a pipeline object, which is trained in place) against `concepts`."""
     if method in TRAINING_FREE:
-        opts = {"--params": params, "--steps": steps, "--lr": lr, "--data": data, "--released-code": released_code}
+        opts = {"--steps": steps, "--lr": lr, "--data": data, "--released-code": released_code, "--alpha": alpha}
+        opts |= {"--lora-targets": targets, "--batch-size": batch_size, "--grad-accum": grad_accum}
         bad = [k for k, v in opts.items() if v is not None and v is not False]
         if bad:
             raise ConceptlockError(f"--method {method} is training-free: {', '.join(bad)} cannot apply")
         from .methods.uce import run_uce
 
-        return run_uce(model, concepts, out, world=world, overwrite=overwrite, **(objective_kwargs or {}))
+        kw = objective_kwargs or {}
+        return run_uce(model, concepts, out, world=world, overwrite=overwrite, params=params, rank=rank, **kw)
     if method not in METHODS:
         raise ConceptlockError(f"--method {method!r}: choose one of {', '.join([*METHODS, *TRAINING_FREE])}")
     if not concepts:
@@ -179,7 +181,9 @@ def run_align(
     out = Path(out)
     if (out / "config.json").exists() and not (resume or overwrite):
         raise ConceptlockError(f"{out}: already holds an alignment run (pass --resume to continue or --overwrite)")
-    spec = parse_params(params or d.params, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None)
+    spec = parse_params(
+        params or d.params, rank=4 if rank is None else rank, alpha=alpha, targets=tuple(targets) if targets else None
+    )
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
 
     if world is None and isinstance(model, str | Path):

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         "--method esd --anchor --model runs/base --concept nudity --data pairs.csv --params lora:safety "
         "--lora-targets attn2.to_q,attn2.to_k,attn2.to_v,attn2.to_out.0 --out runs/esd-anchor  "
         "(pairs.csv columns: prompt, anchor).\n\n"
+        "UCE as a safety LoRA (closed form, no training; composes with task LoRAs):  conceptlock align --method uce "
+        "--model runs/base --concept nudity --uce-preserve-contexts 64 --uce-preserve-scale 1 --params lora:safety "
+        "--out runs/uce-safety\n\n"
         "Outputs in --out: model/ or NAME.safetensors, config.json, train_log.jsonl, checkpoints/. "
         "Multi-GPU: accelerate launch --num_processes N -m conceptlock.cli align ...",
         no_args_is_help=True,
@@ -58,7 +61,9 @@ def register(app: typer.Typer) -> None:
         world: Path | None = typer.Option(None, "--world", help="Toy-world folder to resolve concept names."),
         batch_size: int | None = typer.Option(None, "--batch-size", help="Global samples per optimizer step."),
         grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation micro-steps."),
-        rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+        rank: int | None = typer.Option(
+            None, "--rank", help="LoRA rank (default 4; UCE: the rank that holds the edit exactly)."
+        ),
         alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default: the rank)."),
         lora_targets: str | None = typer.Option(
             None,
@@ -88,6 +93,9 @@ def register(app: typer.Typer) -> None:
             "--uce-preserve-contexts",
             help="UCE: also preserve N neutral captions (a toy world's clean captions), keeping what they draw.",
         ),
+        uce_preserve_scale: float | None = typer.Option(
+            None, "--uce-preserve-scale", help="UCE: weight of the preserve set against the erased texts (default 0.1)."
+        ),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | fp16 | bf16."),
         gradient_checkpointing: bool = typer.Option(
             False, "--gradient-checkpointing", help="Recompute UNet activations in backward (less memory)."
@@ -115,6 +123,8 @@ def register(app: typer.Typer) -> None:
                 okw["contexts"] = uce_contexts
             if uce_preserve_contexts:
                 okw["preserve_contexts"] = uce_preserve_contexts
+            if uce_preserve_scale is not None:
+                okw["preserve_scale"] = uce_preserve_scale
         res = run_align(
             method,
             model,

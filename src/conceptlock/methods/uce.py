@@ -49,6 +49,7 @@ __all__ = [
     "cross_attention_kv",
     "run_uce",
     "uce_edit",
+    "uce_lora",
     "uce_solve",
     "uce_vectors",
 ]
@@ -234,6 +235,66 @@ def uce_edit(
     }
 
 
+LORA_TARGETS = ("attn2.to_k", "attn2.to_v")
+LORA_TOL = 1e-3  # default rank: the smallest that keeps every layer's relative error (Frobenius) under this
+
+
+@torch.no_grad()
+def uce_lora(pipe: Any, name: str, rank: int | None = None, **edit: Any) -> dict[str, Any]:
+    """UCE as a safety LoRA: run `uce_edit`, write each projection's change dW = W_new - W_old into a new LoRA
+    adapter ``name`` (B A = dW by truncated SVD, alpha = rank so weight 1 is the edit) and restore W_old.
+
+    Why: a trained safety LoRA (ESD) moves the keys and values of every text it is shown, so a task LoRA trained
+    on W0 (Modular LoRA) reads its new style words through changed projections once both are active; UCE's
+    closed form with preserved captions leaves dW c ~ 0 for text unlike the concept, and k/v see only the text.
+    Measured on the toy world's mosaic domain: the ESD safety LoRA cut the Modular task's style from 25.8% to
+    5.5%, this one kept 24.2% (README, Modular LoRA table). dW has rank <= the number of edited token rows, so
+    ``rank=None`` picks the smallest rank within ``LORA_TOL`` of the exact edit; a smaller ``rank`` truncates
+    it, and the relative error per layer is reported either way."""
+    from ..train.params import ParamSpec, add_lora
+
+    layers = cross_attention_kv(pipe.unet)
+    before = {n: lin.weight.detach().clone() for n, lin in layers}
+    report = uce_edit(pipe, **edit)
+    svd = {}
+    for n, lin in layers:
+        delta = lin.weight.detach().double() - before[n].double()
+        lin.weight.copy_(before[n])  # the base stays W0: the edit lives in the adapter only
+        svd[n] = torch.linalg.svd(delta, full_matrices=False)
+    if rank is None:
+        need = []
+        for _, s, _ in svd.values():
+            tail = (s.flip(0) ** 2).cumsum(0).flip(0).sqrt() / s.norm().clamp_min(1e-30)  # error if cut at i
+            ok = (tail <= LORA_TOL).nonzero()
+            need.append(int(ok[0]) if len(ok) else len(s))
+        rank = max(1, *need)
+    if rank < 1:
+        raise ConceptlockError(f"UCE LoRA: rank must be >= 1, got {rank}")
+    add_lora(pipe.unet, ParamSpec(kind="lora", adapter=name, rank=rank, alpha=rank, targets=LORA_TARGETS))
+    errors = []
+    modules = dict(pipe.unet.named_modules())
+    for n, (u, s, vh) in svd.items():
+        k = min(rank, len(s))
+        root = s[:k].sqrt()
+        a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
+        b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
+        a[:k], b[:, :k] = root[:, None] * vh[:k], u[:, :k] * root
+        mod = modules[n]
+        la, lb = mod.lora_A[name].weight, mod.lora_B[name].weight
+        la.copy_(a.to(la.dtype)), lb.copy_(b.to(lb.dtype))
+        delta = (u * s) @ vh
+        errors.append(float((delta - b @ a).norm() / delta.norm().clamp_min(1e-30)))
+    report["lora"] = {
+        "adapter": name,
+        "rank": rank,
+        "alpha": rank,
+        "targets": list(LORA_TARGETS),
+        "rel_error_max": max(errors),
+        "rel_error_mean": sum(errors) / len(errors),
+    }
+    return report
+
+
 # In-context erasure: a concept phrase inside a caption ("covered in blood: a red star") reaches the UNet through
 # token embeddings that the standalone phrase never produces (a causal text encoder writes it into every later
 # token). Measured on the full toy world (n=128 explicit prompts): erasing the explicit + implicit phrases alone
@@ -293,15 +354,19 @@ def run_uce(
     preserve: Sequence[str] = (),
     world: str | Path | None = None,
     overwrite: bool = False,
+    params: str | None = None,
+    rank: int | None = None,
     **settings: Any,
 ) -> Any:
-    """`conceptlock align --method uce`: edit a pipeline and write ``out/model`` + ``out/config.json``.
+    """`conceptlock align --method uce`: edit a pipeline and write ``out/model`` + ``out/config.json``, or with
+    ``params="lora:NAME"`` the same edit as a safety LoRA ``out/NAME.safetensors`` (see `uce_lora`).
 
     A concept is its own text, or in a toy world (``world``, or the world the model folder belongs
     to) the world's concept name: its explicit phrases are erased towards the concept's ``guide``
     word. ``guide`` defaults to that word, else to the empty prompt (UCE's "towards unconditional").
     """
     from .. import __version__
+    from ..adapters import save_adapter
     from ..align import AlignResult, resolve_concept
     from ..pipelines import load_pipeline, save_pipeline
     from ..train.trainer import _atomic_write_text
@@ -313,6 +378,18 @@ def run_uce(
         raise ConceptlockError(f"--method uce: unknown setting(s) {', '.join(sorted(unknown))}")
     if not concepts:
         raise ConceptlockError("--concept: give at least one concept")
+    adapter = None
+    if params is not None and params not in ("full", "xattn-kv"):  # the edit is k/v: full and xattn-kv are it
+        from ..train.params import parse_params
+
+        spec = parse_params(params)
+        if not spec.is_lora:
+            raise ConceptlockError(
+                f"--method uce edits attn2 to_k/to_v: --params {params!r} cannot apply (use lora:NAME)"
+            )
+        adapter = spec.adapter
+    if rank is not None and adapter is None:
+        raise ConceptlockError("--method uce: --rank applies only with --params lora:NAME")
     out = Path(out)
     if (out / "config.json").exists() and not overwrite:
         raise ConceptlockError(f"{out}: already holds an alignment run (pass --overwrite to replace it)")
@@ -344,8 +421,9 @@ def run_uce(
     preserve = list(preserve) + neutral_captions(preserve_contexts, world, purpose="uce-preserve")
     check_sets(erase, guides, list(preserve))  # before loading: bad input fails in a second
     pipe = load_pipeline(model) if isinstance(model, str | Path) else model
-    report = uce_edit(pipe, erase, guides, list(preserve), **settings)
-    artifact = out / "model"
+    edit = {"erase": erase, "guide": guides, "preserve": list(preserve), **settings}
+    report = uce_lora(pipe, adapter, rank, **edit) if adapter else uce_edit(pipe, **edit)
+    artifact = out / (f"{adapter}.safetensors" if adapter else "model")
     config = {
         "conceptlock": __version__,
         "method": "uce",
@@ -357,10 +435,14 @@ def run_uce(
         "preserve": preserve,
         "preserve_contexts": preserve_contexts,
         "uce": report,
+        "params": params or "xattn-kv",
         "artifact": str(artifact),
         "finished": True,
     }
     out.mkdir(parents=True, exist_ok=True)
-    save_pipeline(pipe, artifact, overwrite=True)
+    if adapter:
+        save_adapter(pipe, adapter, artifact)
+    else:
+        save_pipeline(pipe, artifact, overwrite=True)
     _atomic_write_text(out / "config.json", json.dumps(config, indent=1, default=str))
     return AlignResult(artifact=artifact, out=out, config=config, finished=True)
