@@ -254,12 +254,14 @@ def uce_lora(pipe: Any, name: str, rank: int | None = None, **edit: Any) -> dict
     from ..train.params import ParamSpec, add_lora
 
     layers = cross_attention_kv(pipe.unet)
-    before = {n: lin.weight.detach().clone() for n, lin in layers}
+    before = {n: lin.weight.data for n, lin in layers}
+    for _, lin in layers:  # edit float32 copies, so dW of a float16 model is not rounded to float16 steps
+        lin.weight.data = lin.weight.data.to(torch.float32, copy=True)
     report = uce_edit(pipe, **edit)
     svd = {}
     for n, lin in layers:
         delta = lin.weight.detach().double() - before[n].double()
-        lin.weight.copy_(before[n])  # the base stays W0: the edit lives in the adapter only
+        lin.weight.data = before[n]  # the base stays W0: the edit lives in the adapter only
         svd[n] = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
         need = []
