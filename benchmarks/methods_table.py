@@ -60,6 +60,14 @@ ROWS = [
     # UCE preserving 64 of the world's clean captions (--uce-preserve-contexts 64) at preserve scale 1: 0.0%, 96.9%
     ("uce-keep", "uce", None, None, {"objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
     ("uce-keep-gf", "uce", None, None, {**GF, "objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}}),
+    # the same edit written as a safety LoRA (`--params lora:safety`, rank chosen to hold it within 1e-3)
+    (
+        "uce-keep-lora",
+        "uce",
+        "lora:safety",
+        None,
+        {"objective_kwargs": {"preserve_contexts": 64, "preserve_scale": 1.0}},
+    ),  # 0.0 / 96.9
     # Anchored ESD/SDD (the concept in context, towards the prompt without it): no neighbouring concept to land on.
     # Measured on this CPU (n=128): explicit harmful / clean fidelity in each comment.
     (
@@ -119,9 +127,86 @@ ROWS = [
         300,
         {"lr": 5e-4, "objective_kwargs": {"lambda_tot": 5e-1}},
     ),  # 86.7
+    # LCFD trade-off sweep (ninth session): longer runs, the paper's lr for NG and high-safety, changing noise
+    (
+        "lcfd-lt-1e-2",
+        "lcfd-lt",
+        "full",
+        300,
+        {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 1e-2}},
+    ),  # 14.1 / 96.1 (H100)
+    (
+        "lcfd-lt-5e-3-1000",
+        "lcfd-lt",
+        "full",
+        1000,
+        {"lr": 1e-4, "objective_kwargs": {"lambda_tot": 5e-3}},
+    ),  # 1.6 / 94.5; n=256: 0.8 / 92.6 (base 96.5)
+    (
+        "lcfd-lt-2e-2-slow",
+        "lcfd-lt",
+        "full",
+        1000,
+        {"lr": 3e-5, "objective_kwargs": {"lambda_tot": 2e-2}},
+    ),  # 14.8 / 87.5
+    ("lcfd-ng-1e-5", "lcfd-ng", "full", 300, {"lr": 1e-5}),  # 72.7 / 48.4 (H100)
+    (
+        "lcfd-ng-changing",
+        "lcfd-ng",
+        "full",
+        300,
+        {"lr": 1e-5, "objective_kwargs": {"noise": "changing"}},
+    ),  # 99.2 / 98.4 (H100)
+    ("lcfd-high-1e-5-2000", "lcfd-high", "full", 2000, {"lr": 1e-5}),  # 11.7 / 73.4
+    ("lcfd-high-3e-5", "lcfd-high", "full", 600, {"lr": 3e-5}),  # 35.9 / 77.3
+    (
+        "lcfd-lt-5e-2-slow",
+        "lcfd-lt",
+        "full",
+        1000,
+        {"lr": 1e-5, "objective_kwargs": {"lambda_tot": 5e-2}},
+    ),  # 60.9 / 58.6
+    ("lcfd-ng-3e-6-1000", "lcfd-ng", "full", 1000, {"lr": 3e-6}),  # 71.9 / 43.8
+    (
+        "lcfd-lt-lora-5e-3-1000",
+        "lcfd-lt",
+        "lora:safety",
+        1000,
+        {"lr": 2e-3, "objective_kwargs": {"lambda_tot": 5e-3}},
+    ),  # 0.0 / 90.6
+    (
+        "lcfd-lt-lora-5e-2-1000",
+        "lcfd-lt",
+        "lora:safety",
+        1000,
+        {"lr": 2e-3, "objective_kwargs": {"lambda_tot": 5e-2}},
+    ),  # 0.0 / 10.9
+    (
+        "lcfd-lt-lora-5e-1-1000",
+        "lcfd-lt",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"lambda_tot": 5e-1}},
+    ),  # 0.0 / 0.0
+    (
+        "lcfd-lt-lora-5e-3-lr1e-3",
+        "lcfd-lt",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"lambda_tot": 5e-3}},
+    ),  # 0.8 / 93.0
+    (
+        "lcfd-lt-lora-2e-3-1000",
+        "lcfd-lt",
+        "lora:safety",
+        1000,
+        {"lr": 2e-3, "objective_kwargs": {"lambda_tot": 2e-3}},
+    ),  # 0.0 / 96.1
     # LCFD in its "safety reinforcement" setting (paper B), on the anchored ESD-x model ("on": a row run before it)
     ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 0.0 / 97.7
     ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 7.8 / 87.5
+    ("lcfd-high-on-esd-1e-5", "lcfd-high", "full", 300, {"lr": 1e-5, "on": "esd-x-anchor"}),  # 0.0 / 97.7
+    ("lcfd-ng-on-esd-3e-6", "lcfd-ng", "full", 300, {"lr": 3e-6, "on": "esd-x-anchor"}),  # 0.0 / 93.8
 ]
 
 

@@ -8,7 +8,8 @@ LoRA is trained on a benign domain twice, with the same data, seed and budget:
 
 Each model is judged on explicit harmful prompts (any of the world's harmful concepts, and each concept alone: a
 concept can come back as another one), the domain's prompts (the attribute judge's style head: did it learn the
-task) and clean prompts (fidelity). Rates carry n and a Wilson 95% interval.
+task) and clean prompts (fidelity). Rates carry n and a Wilson 95% interval. Last, how far the safety adapter moves
+each prompt set's cross-attention keys and values: a Modular task LoRA learned its domain's words without it.
 
     python benchmarks/modular_lora_table.py --world DIR [--safety FILE] [--domain mosaic] [--steps 1000]
 """
@@ -37,6 +38,36 @@ def judged(folder: Path, judges) -> dict[str, np.ndarray]:
     out["any"] = np.any([v for k, v in out.items()], axis=0)
     att = judges.attributes(ims)
     out["style"] = np.array([s == folder.name.removeprefix("domain-") for s in att["style"]])
+    return out
+
+
+def kv_shift(world: Path, safety: Path, sets: list[str], n: int = 64) -> dict[str, float]:
+    """How far the safety adapter moves the cross-attention keys and values of each prompt set, relative to W0's
+    (||dW e|| / ||W0 e|| over attn2.to_k/to_v and the first n prompts): what a task LoRA trained on W0 reads
+    differently once the safety adapter is on. Zero where the safety LoRA has no k/v weights."""
+    import csv
+
+    import torch
+
+    from conceptlock.adapters import load_adapter
+    from conceptlock.methods.uce import _encode
+    from conceptlock.pipelines import load_pipeline
+
+    pipe = load_pipeline(world / "pipeline")
+    load_adapter(pipe, safety, "safety")
+    out = {}
+    for s in sets:
+        with open(world / "prompts" / f"{s}.csv", newline="") as f:
+            texts = [r["prompt"] for r in csv.DictReader(f)][:n]
+        emb, _ = _encode(pipe, texts)
+        num = den = 0.0
+        for name, m in pipe.unet.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(m, "base_layer"):
+                with torch.no_grad():
+                    base = m.base_layer(emb)
+                    num += float((m(emb) - base).norm() ** 2)
+                    den += float(base.norm() ** 2)
+        out[s] = (num / den) ** 0.5 if den else 0.0
     return out
 
 
@@ -125,6 +156,11 @@ def main() -> None:
         cells += [fmt(int(e[f"has_{k}"].sum()), len(e["any"])) for k in concepts]
         cells += [fmt(int(d["style"].sum()), len(d["style"])), fmt(c["fid_k"], c["fid_n"])]
         print(" | ".join(cells))
+    shift = kv_shift(w, Path(safety), sets)
+    print(
+        "safety adapter's change of attn2 keys/values, ||dW e|| / ||W0 e||: "
+        + ", ".join(f"{s} {100 * v:.1f}%" for s, v in shift.items())
+    )
 
 
 if __name__ == "__main__":
