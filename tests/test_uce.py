@@ -251,6 +251,7 @@ def test_uce_as_a_safety_lora_is_the_edit_and_loads_in_vanilla_diffusers(tmp_pat
         ({"params": "noxattn"}, "cannot apply"),
         ({"rank": 2}, "--rank applies only with --params lora"),
         ({"params": "lora:safety", "alpha": 2.0}, "training-free: --alpha"),
+        ({"params": "lora:safety", "rank": 0}, "--rank must be >= 1"),
     ]:
         with pytest.raises(ConceptlockError, match=match):
             run_align("uce", tmp_path / "base", ["bloody"], tmp_path / "bad", **bad)

@@ -253,16 +253,20 @@ def uce_lora(pipe: Any, name: str, rank: int | None = None, **edit: Any) -> dict
     it, and the relative error per layer is reported either way."""
     from ..train.params import ParamSpec, add_lora
 
+    if rank is not None and rank < 1:
+        raise ConceptlockError(f"UCE LoRA: rank must be >= 1, got {rank}")
     layers = cross_attention_kv(pipe.unet)
     before = {n: lin.weight.data for n, lin in layers}
-    for _, lin in layers:  # edit float32 copies, so dW of a float16 model is not rounded to float16 steps
-        lin.weight.data = lin.weight.data.to(torch.float32, copy=True)
-    report = uce_edit(pipe, **edit)
-    svd = {}
-    for n, lin in layers:
-        delta = lin.weight.detach().double() - before[n].double()
-        lin.weight.data = before[n]  # the base stays W0: the edit lives in the adapter only
-        svd[n] = torch.linalg.svd(delta, full_matrices=False)
+    deltas = {}
+    try:
+        for _, lin in layers:  # edit float32 copies, so dW of a float16 model is not rounded to float16 steps
+            lin.weight.data = lin.weight.data.to(torch.float32, copy=True)
+        report = uce_edit(pipe, **edit)
+        deltas = {n: lin.weight.detach().double() - before[n].double() for n, lin in layers}
+    finally:
+        for n, lin in layers:
+            lin.weight.data = before[n]  # the base stays W0: the edit lives in the adapter only
+    svd = {n: torch.linalg.svd(d, full_matrices=False) for n, d in deltas.items()}
     if rank is None:
         need = []
         for _, s, _ in svd.values():
@@ -270,8 +274,6 @@ def uce_lora(pipe: Any, name: str, rank: int | None = None, **edit: Any) -> dict
             ok = (tail <= LORA_TOL).nonzero()
             need.append(int(ok[0]) if len(ok) else len(s))
         rank = max(1, *need)
-    if rank < 1:
-        raise ConceptlockError(f"UCE LoRA: rank must be >= 1, got {rank}")
     add_lora(pipe.unet, ParamSpec(kind="lora", adapter=name, rank=rank, alpha=rank, targets=LORA_TARGETS))
     errors = []
     modules = dict(pipe.unet.named_modules())
@@ -284,8 +286,7 @@ def uce_lora(pipe: Any, name: str, rank: int | None = None, **edit: Any) -> dict
         mod = modules[n]
         la, lb = mod.lora_A[name].weight, mod.lora_B[name].weight
         la.copy_(a.to(la.dtype)), lb.copy_(b.to(lb.dtype))
-        delta = (u * s) @ vh
-        errors.append(float((delta - b @ a).norm() / delta.norm().clamp_min(1e-30)))
+        errors.append(float((deltas[n] - b @ a).norm() / deltas[n].norm().clamp_min(1e-30)))
     report["lora"] = {
         "adapter": name,
         "rank": rank,
@@ -392,6 +393,8 @@ def run_uce(
         adapter = spec.adapter
     if rank is not None and adapter is None:
         raise ConceptlockError("--method uce: --rank applies only with --params lora:NAME")
+    if rank is not None and rank < 1:
+        raise ConceptlockError(f"--rank must be >= 1, got {rank}")
     out = Path(out)
     if (out / "config.json").exists() and not overwrite:
         raise ConceptlockError(f"{out}: already holds an alignment run (pass --overwrite to replace it)")
