@@ -202,6 +202,23 @@ ROWS = [
         1000,
         {"lr": 2e-3, "objective_kwargs": {"lambda_tot": 2e-3}},
     ),  # 0.0 / 96.1
+    ("lcfd-high-a0.1", "lcfd-high", "full", 1000, {"lr": 1e-4, "objective_kwargs": {"ascent": 0.1}}),  # 0.0 / 72.7
+    (
+        "lcfd-high-a0.1-slow",
+        "lcfd-high",
+        "full",
+        1000,
+        {"lr": 3e-5, "objective_kwargs": {"ascent": 0.1}},
+    ),  # 96.9 / 99.2
+    (
+        "lcfd-high-a0.1-5e-5",
+        "lcfd-high",
+        "full",
+        1000,
+        {"lr": 5e-5, "objective_kwargs": {"ascent": 0.1}},
+    ),  # 95.3 / 99.2
+    ("lcfd-high-lora-1000", "lcfd-high", "lora:safety", 1000, {"lr": 1e-3}),  # 9.4 / 1.6
+    ("lcfd-ng-lora-1e-4", "lcfd-ng", "lora:safety", 300, {"lr": 1e-4}),  # 99.2 / 98.4
     # LCFD in its "safety reinforcement" setting (paper B), on the anchored ESD-x model ("on": a row run before it)
     ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 0.0 / 97.7
     ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 7.8 / 87.5
