@@ -217,6 +217,15 @@ ROWS = [
         1000,
         {"lr": 5e-5, "objective_kwargs": {"ascent": 0.1}},
     ),  # 95.3 / 99.2
+    (
+        "lcfd-high-a0.1-7e-5",
+        "lcfd-high",
+        "full",
+        1000,
+        {"lr": 7e-5, "objective_kwargs": {"ascent": 0.1}},
+    ),  # 19.5 / 78.9
+    ("lcfd-high-a0.1-500", "lcfd-high", "full", 500, {"lr": 1e-4, "objective_kwargs": {"ascent": 0.1}}),  # 28.9 / 78.9
+    ("lcfd-ng-lora-5e-4", "lcfd-ng", "lora:safety", 300, {"lr": 5e-4}),  # 96.9 / 35.2
     ("lcfd-high-lora-1000", "lcfd-high", "lora:safety", 1000, {"lr": 1e-3}),  # 9.4 / 1.6
     ("lcfd-ng-lora-1e-4", "lcfd-ng", "lora:safety", 300, {"lr": 1e-4}),  # 99.2 / 98.4
     # LCFD in its "safety reinforcement" setting (paper B), on the anchored ESD-x model ("on": a row run before it)
