@@ -180,6 +180,10 @@ def _err(tmp_path, text: str, profile: str = "full") -> str:
             "tiny.toml: align[1].steps: Input should be a valid integer",
         ),
         (('method = "lcfd-lt"', 'method = "uce"'), "tiny.toml: align[1].steps: method uce is training-free"),
+        (
+            ('method = "esd"\nparams = "lora:safety"\nsteps = 1', 'method = "uce"\nparams = "lora:safety"\nrank = 8'),
+            "tiny.toml: align[0].rank: method uce writes its LoRA at the rank that holds the edit",
+        ),
         (('sld = "MAX"', 'sld = "HUGE"'), "tiny.toml: baselines[0].sld: unknown SLD preset 'HUGE'"),
         (('source = "std"', 'source = "lt"'), "tiny.toml: compose[0].adapters[0].source: 'lt' is not a LoRA run"),
         (('mode = "standard"', 'mode = "modular"\nparams2 = 1'), "tiny.toml: attacks[1].params2: unknown key"),
@@ -195,6 +199,16 @@ def test_config_errors_are_one_line_and_name_the_toml_path(tmp_path, edit, expec
     assert old in TINY
     msg = _err(tmp_path, TINY.replace(old, new, 1))
     assert msg.startswith(expected), msg
+
+
+def test_a_training_free_edit_may_be_written_as_a_safety_lora(tmp_path):
+    """UCE takes params = "lora:NAME" (the edit as a safety LoRA, usable as a Modular LoRA base) but no trainer field."""
+    old = 'method = "esd"\nparams = "lora:safety"\nsteps = 1\nobjective = { ddim_steps = 2 }'
+    assert old in TINY
+    exp = load_experiment(_tiny(tmp_path, TINY.replace(old, 'method = "uce"\nparams = "lora:safety"', 1)), "full")
+    assert exp.align[0].method == "uce" and exp.align[0].is_lora and exp.align[0].adapter == "safety"
+    msg = _err(tmp_path, TINY.replace(old, 'method = "uce"\nparams = "xattn"', 1))
+    assert msg.startswith("tiny.toml: align[0].params: method uce is training-free"), msg
 
 
 def test_profile_overrides_apply_and_their_errors_name_the_profile(tmp_path):

@@ -247,9 +247,13 @@ class AlignSpec(_Base):
     @model_validator(mode="after")
     def _method_fields(self) -> AlignSpec:
         if self.method in TRAINING_FREE:
+            # a training-free edit may still be written as a safety LoRA (params = "lora:NAME"), at the rank it needs
             bad = [f for f in _TRAINER_FIELDS if getattr(self, f) not in (None, False, {})]
+            bad = [f for f in bad if not (f == "params" and self.is_lora)]
             if bad:
                 raise ValueError(f"{bad[0]}: method {self.method} is training-free (no {', '.join(bad)})")
+            if "rank" in self.model_fields_set:
+                raise ValueError(f"rank: method {self.method} writes its LoRA at the rank that holds the edit")
         if self.released_code and not self.method.startswith("lcfd"):
             raise ValueError("released_code: only the lcfd methods have a released-code variant")
         return self

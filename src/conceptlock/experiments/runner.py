@@ -805,7 +805,7 @@ def run_align_stage(ctx: Context, stage: Stage) -> dict[str, Any]:
     if model["adapters"]:
         raise ConceptlockError(f"{stage.id}: cannot align on a model that carries adapters ({model['adapters']})")
     training_free = sp["method"] == "uce"
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"params": sp["params"]} if training_free and sp["params"] else {}
     if not training_free:
         kw = dict(
             params=sp["params"],
