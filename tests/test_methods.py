@@ -268,6 +268,18 @@ def test_lcfd_high_ascends_on_harmful_samples():
         assert torch.allclose(g_harm[k], -0.5 * g_clean[k], atol=1e-7)
 
 
+def test_lcfd_high_ceiling_stops_the_ascent_once_a_sample_is_forgotten():
+    _, g_free = _lcfd_grads(0, [0, 1], variant="high", lambda_tot=0.0)
+    _, g_loose = _lcfd_grads(0, [0, 1], variant="high", lambda_tot=0.0, ceiling=1e6)  # never reached
+    assert _diff(g_free, g_loose) == 0.0
+    _, g_clean = _lcfd_grads(0, [0, 1], variant="high", lambda_tot=0.0, ascent=0.0)
+    _, g_done = _lcfd_grads(0, [0, 1], variant="high", lambda_tot=0.0, ceiling=1e-6)  # already past it
+    assert _diff(g_clean, g_done) < 1e-6 * sum(v.abs().sum().item() for v in g_clean.values())
+    assert _diff(g_free, g_done) > 0
+    with pytest.raises(ValueError, match="ceiling"):
+        get_objective("lcfd-lt", ceiling=1.0)
+
+
 def test_lcfd_pieces_on_hand_made_tensors():
     obj = get_objective("lcfd-lt", lambda_c=2.0, margin=1.0)
     x = torch.full((2, 1, 2, 2), 3.0)

@@ -20,6 +20,9 @@ Variants:
           the unshifted eps                                                                      lambda_tot 5e-3
     high  L = mean(w_y * ||f - target||^2) + lambda_tot * mean(1[harm] * L_con), w_clean = 1, w_harm = -ascent
           (gradient ascent on harmful data; ascent 0.5)                                          lambda_tot 5e-5
+          ceiling=c bounds the ascent (off by default, as in the paper): a harmful sample's MSE enters as
+          min(MSE, c), so its gradient stops once the model predicts its noise no better than c (c = 1 is
+          "no better than predicting zero noise", E||eps||^2 = 1). Unbounded ascent has no floor to stop at.
 
 `released_code=True` reproduces the published scripts: the contrastive term is their batch-sum formula taken
 through `.item()`, so it adds a constant with zero gradient, and harmful samples are masked out of the denoising
@@ -55,6 +58,7 @@ class LCFD(Objective):
         push: str = "linear",
         shift: float = 100.0,
         ascent: float = 0.5,
+        ceiling: float | None = None,
         released_code: bool = False,
     ):
         if variant not in VARIANTS:
@@ -72,6 +76,9 @@ class LCFD(Objective):
             float(shift),
             float(ascent),
         )
+        if ceiling is not None and (variant != "high" or not ceiling > 0):
+            raise ValueError(f"ceiling applies to variant 'high' only and must be > 0, got {ceiling!r}")
+        self.ceiling = None if ceiling is None else float(ceiling)
         self.released_code = bool(released_code)
         self._centres: Tensor | None = None  # [2, C, H, W]: clean, harmful
         self._counts: Tensor | None = None  # [2]
@@ -159,7 +166,8 @@ class LCFD(Objective):
         else:
             con_term = self.lambda_tot * con.mean()
         if self.variant == "high":
-            denoise = ((clean - self.ascent * harm) * mse).mean()
+            ascend = mse if self.ceiling is None else mse.clamp(max=self.ceiling)
+            denoise = (clean * mse - self.ascent * harm * ascend).mean()
         else:
             denoise = (clean * mse).mean()
         logs = {
