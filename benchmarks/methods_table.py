@@ -228,6 +228,72 @@ ROWS = [
     ("lcfd-ng-lora-5e-4", "lcfd-ng", "lora:safety", 300, {"lr": 5e-4}),  # 96.9 / 35.2
     ("lcfd-high-lora-1000", "lcfd-high", "lora:safety", 1000, {"lr": 1e-3}),  # 9.4 / 1.6
     ("lcfd-ng-lora-1e-4", "lcfd-ng", "lora:safety", 300, {"lr": 1e-4}),  # 99.2 / 98.4
+    # bounded ascent (ceiling: a harmful sample's MSE counts up to c only)
+    ("lcfd-high-ceil1", "lcfd-high", "full", 1000, {"lr": 1e-4, "objective_kwargs": {"ceiling": 1.0}}),  # 54.7 / 89.1
+    (
+        "lcfd-high-ceil1-lora",
+        "lcfd-high",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"ceiling": 1.0}},
+    ),  # 0.0 / 87.5
+    (
+        "lcfd-high-ceil1-lora-5e-4",
+        "lcfd-high",
+        "lora:safety",
+        1000,
+        {"lr": 5e-4, "objective_kwargs": {"ceiling": 1.0}},
+    ),  # 0.8 / 75.8
+    (
+        "lcfd-high-ceil.5-lora",
+        "lcfd-high",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"ceiling": 0.5}},
+    ),  # 0.0 / 89.8
+    (
+        "lcfd-high-ceil.25-lora",
+        "lcfd-high",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"ceiling": 0.25}},
+    ),  # 5.5 / 89.1
+    (
+        "lcfd-high-ceil.1-lora",
+        "lcfd-high",
+        "lora:safety",
+        1000,
+        {"lr": 1e-3, "objective_kwargs": {"ceiling": 0.1}},
+    ),  # 8.6 / 93.0
+    (
+        "lcfd-high-ceil.5-xattn",
+        "lcfd-high",
+        "xattn",
+        1000,
+        {"lr": 5e-4, "objective_kwargs": {"ceiling": 0.5}},
+    ),  # 10.9 / 91.4
+    (
+        "lcfd-high-ceil.5-2e-4",
+        "lcfd-high",
+        "full",
+        1000,
+        {"lr": 2e-4, "objective_kwargs": {"ceiling": 0.5}},
+    ),  # 73.4 / 93.8
+    # NG with changing noise (the class centres, near the data, instead of +-1) at LT's working budgets
+    (
+        "lcfd-ng-changing-1000",
+        "lcfd-ng",
+        "full",
+        1000,
+        {"lr": 1e-4, "objective_kwargs": {"noise": "changing"}},
+    ),  # 85.9 / 6.2
+    (
+        "lcfd-ng-changing-lora",
+        "lcfd-ng",
+        "lora:safety",
+        1000,
+        {"lr": 2e-3, "objective_kwargs": {"noise": "changing", "lambda_tot": 2e-3}},
+    ),  # 60.2 / 2.3
     # LCFD in its "safety reinforcement" setting (paper B), on the anchored ESD-x model ("on": a row run before it)
     ("lcfd-lt-on-esd", "lcfd-lt", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 0.0 / 97.7
     ("lcfd-high-on-esd", "lcfd-high", "full", 300, {"lr": 1e-4, "on": "esd-x-anchor"}),  # 7.8 / 87.5
