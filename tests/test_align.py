@@ -206,3 +206,24 @@ def test_cli_help_has_example():
     res = CliRunner().invoke(app, ["align", "--help"], terminal_width=200)
     assert res.exit_code == 0
     assert "Example" in res.output and "--method" in res.output and "lora:NAME" in res.output
+
+
+def test_cli_lcfd_variant_options_reach_the_objective(tmp_path, lcfd_folder):
+    from conceptlock.cli import app
+
+    model = tmp_path / "base"
+    save_pipeline(tiny_pipeline(0), model)
+    common = ["align", "--model", str(model), "--concept", "gore", "--data", str(lcfd_folder), "--steps", "2"]
+    common += ["--batch-size", "2", "--grad-accum", "1"]
+    res = CliRunner().invoke(
+        app, [*common, "--method", "lcfd-lt", "--ascent-ceiling", "0.5", "--out", str(tmp_path / "x")]
+    )
+    assert isinstance(res.exception, ConceptlockError)
+    assert "--ascent-ceiling only applies to --method lcfd-high" in str(res.exception)
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "high"
+    args = [*common, "--method", "lcfd-high", "--ascent", "0.25", "--ascent-ceiling", "0.5", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    okw = json.loads((out / "config.json").read_text())["objective_config"]
+    assert okw["ceiling"] == 0.5 and okw["ascent"] == 0.25

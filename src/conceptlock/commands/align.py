@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from ..align import METHODS, TRAINING_FREE, run_align
+from ..errors import ConceptlockError
 from .finetune import trainer_flags
 
 EXAMPLE = (
@@ -80,6 +81,18 @@ def register(app: typer.Typer) -> None:
         ),
         ddim_steps: int | None = typer.Option(None, "--ddim-steps", help="ESD/SDD: DDIM steps of the x_t sampler."),
         lambda_tot: float | None = typer.Option(None, "--lambda-tot", help="LCFD contrastive weight."),
+        ng_noise: str | None = typer.Option(
+            None, "--ng-noise", help="LCFD-NG: fixed (+-1 by class, the default) or changing (the class centres)."
+        ),
+        ascent: float | None = typer.Option(
+            None, "--ascent", help="LCFD high-safety: weight of the gradient ascent on harmful data (default 0.5)."
+        ),
+        ascent_ceiling: float | None = typer.Option(
+            None,
+            "--ascent-ceiling",
+            help="LCFD high-safety: bound the ascent; a harmful sample's MSE counts up to this value (default: "
+            "unbounded, as in the paper).",
+        ),
         guide: str | None = typer.Option(None, "--guide", help="UCE: text the concept is mapped to (default: '')."),
         preserve: list[str] = typer.Option([], "--preserve", help="UCE: text whose keys/values stay; repeatable."),
         uce_lambda: float | None = typer.Option(None, "--uce-lambda", help="UCE regulariser lambda (default 0.5)."),
@@ -113,6 +126,14 @@ def register(app: typer.Typer) -> None:
             okw["eta"] = eta
         if lambda_tot is not None:
             okw["lambda_tot"] = lambda_tot
+        lcfd_opts = {"--ng-noise": (ng_noise, "noise", "lcfd-ng"), "--ascent": (ascent, "ascent", "lcfd-high")}
+        lcfd_opts["--ascent-ceiling"] = (ascent_ceiling, "ceiling", "lcfd-high")
+        for flag, (value, key, only) in lcfd_opts.items():
+            if value is None:
+                continue
+            if method != only:
+                raise ConceptlockError(f"{flag} only applies to --method {only}")
+            okw[key] = value
         if anchor:
             okw["anchor"] = True
         if ddim_steps is not None:
