@@ -103,11 +103,20 @@ def _to_pm1(images01: torch.Tensor) -> torch.Tensor:
     return images01 * 2 - 1
 
 
-def train_vae(images01: torch.Tensor, steps: int, seed: int, resolution: int, batch: int = 32) -> AutoencoderKL:
-    """A factor-2 KL autoencoder; reconstruction L1+L2 with a small KL term, like SD's VAE."""
+def train_vae(
+    images01: torch.Tensor,
+    steps: int,
+    seed: int,
+    resolution: int,
+    batch: int = 32,
+    channels: tuple[int, ...] = (16, 32),
+    latent_channels: int = 4,
+) -> AutoencoderKL:
+    """A KL autoencoder, factor 2 by default (one downsampling per extra entry in `channels`);
+    reconstruction L1+L2 with a small KL term, like SD's VAE."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=(16, 32)))
+    vae = AutoencoderKL(**vae_config(sample_size=resolution, channels=channels, latent_channels=latent_channels))
     opt = torch.optim.AdamW(vae.parameters(), lr=5e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=steps, pct_start=0.05)
     vae.train()
@@ -206,15 +215,17 @@ def train_unet(
     batch: int,
     lr: float,
 ) -> UNet2DConditionModel:
-    """Plain epsilon-prediction denoising with 10% empty captions (for CFG) and an EMA copy."""
+    """Plain epsilon-prediction denoising with 10% empty captions (for CFG) and an EMA copy.
+
+    The UNet takes its input size and channels from `latents` ([N, C, H, W]), so any autoencoder fits."""
     torch.manual_seed(cfg.seed + 21)
     g = torch.Generator().manual_seed(cfg.seed + 21)
     rng = np.random.default_rng(cfg.seed + 21)
-    unet = UNet2DConditionModel(
-        **unet_config(
-            sample_size=cfg.resolution // 2, channels=(32, 64), cross_attention_dim=text_encoder.config.hidden_size
-        )
+    config = unet_config(
+        sample_size=latents.shape[-1], channels=(32, 64), cross_attention_dim=text_encoder.config.hidden_size
     )
+    config.update(in_channels=latents.shape[1], out_channels=latents.shape[1])
+    unet = UNet2DConditionModel(**config)
     sched = scheduler_for_training()
     ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
