@@ -126,14 +126,15 @@ def register(app: typer.Typer) -> None:
             okw["eta"] = eta
         if lambda_tot is not None:
             okw["lambda_tot"] = lambda_tot
-        lcfd_opts = {"--ng-noise": (ng_noise, "noise", "lcfd-ng"), "--ascent": (ascent, "ascent", "lcfd-high")}
-        lcfd_opts["--ascent-ceiling"] = (ascent_ceiling, "ceiling", "lcfd-high")
-        for flag, (value, key, only) in lcfd_opts.items():
-            if value is None:
-                continue
-            if method != only:
+        for flag, value, key, only in (
+            ("--ng-noise", ng_noise, "noise", "lcfd-ng"),
+            ("--ascent", ascent, "ascent", "lcfd-high"),
+            ("--ascent-ceiling", ascent_ceiling, "ceiling", "lcfd-high"),
+        ):
+            if value is not None and method != only:
                 raise ConceptlockError(f"{flag} only applies to --method {only}")
-            okw[key] = value
+            if value is not None:
+                okw[key] = value
         if anchor:
             okw["anchor"] = True
         if ddim_steps is not None:
