@@ -74,13 +74,14 @@ def main() -> None:
         vae_note = f"VAE {channels}, {args.latent_channels} latent channels, {vae_steps} steps, {time.perf_counter() - t0:.0f} s, recon MSE {mse:.4f}"
         pipe.vae = vae
         del images
-    latents = torch.cat(
-        [
-            encode_latents(pipe.vae, to_tensor(render_examples(pre[i : i + 2000], cfg.resolution)))
-            for i in range(0, len(pre), 2000)
-        ]
-    )
-    latents = latents * pipe.vae.config.scaling_factor
+    else:  # the world's VAE: render and encode in chunks, never holding every image at once
+        z = torch.cat(
+            [
+                encode_latents(pipe.vae, to_tensor(render_examples(pre[i : i + 2000], cfg.resolution)))
+                for i in range(0, len(pre), 2000)
+            ]
+        )
+    latents = z * pipe.vae.config.scaling_factor
     captions = [e.caption for e in pre]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
